@@ -1,0 +1,232 @@
+"""The mitmproxy addon: translates flows to the shim's model and back, nothing more.
+
+Run it with `mitmdump --mode reverse:http://LEGACY -s shim/addon.py [--set shim_config=FILE]`.
+Requests no protocol claims pass through untouched. For claimed ones, `requestheaders` parses
+and begins the exchange and routes a body to the in-process sink while writing it to disk;
+the answer is set in `request` (no body) or `response` (streamed body); `error` keeps what
+arrived when a client leaves mid-body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from shim import config as shim_config
+from shim.engine import Engine
+from shim.exchange import Exchange
+from shim.model import Reply, Request
+from shim.protocols import Protocol
+from shim.protocols.tus import Tus
+from shim.sink import Sink
+from shim.store import Store
+from shim.upstream import Origin, Upstream
+
+log = logging.getLogger("shim")
+
+SWEEP_INTERVAL = 600.0
+_STATE = "shim"
+
+
+class _FlowState:
+    """What the shim keeps about one claimed flow. A plain class, not a dataclass: mitmdump
+    executes this file outside sys.modules, where @dataclass fails."""
+
+    def __init__(self, exchange: Exchange | None, reply: Reply | None = None) -> None:
+        self.exchange = exchange
+        self.reply = reply
+        """A reply decided before the body (an internal error), sent once the body is drained."""
+        self.streamed = False
+
+
+class Shim:
+    def __init__(self) -> None:
+        self.config = shim_config.Config()
+        self.engine: Engine | None = None
+        self.protocols: list[Protocol] = []
+        self.sink = Sink()
+        self._config_path: str | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def load(self, loader: object) -> None:
+        loader.add_option(  # type: ignore[attr-defined]
+            "shim_config", str, "", "Path to the shim's YAML config; empty: embedded defaults."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if self._config_path is not None and not updated & {"shim_config", "mode"}:
+            return
+        path = ctx.options.shim_config
+        try:
+            config = shim_config.load(path or None)
+        except shim_config.ConfigError as exc:
+            raise exceptions.OptionsError(f"shim_config: {exc}") from exc
+        origin = _reverse_origin(ctx.options.mode)
+        if self.engine is not None:
+            self.engine.store.close()
+        self.config = config
+        store = Store(config.storage.dir, fsync=config.storage.fsync)
+        upstream = Upstream(origin, config.upstream.timeout, not ctx.options.ssl_insecure)
+        self.engine = Engine(store, upstream, config.storage.min_free_bytes)
+        self.protocols = [Tus(config.tus)] if config.tus.enabled else []
+        self._config_path = path
+        log.info("shim: storing uploads in %s, delivering to %s", store.directory,
+                 origin.authority)
+
+    async def running(self) -> None:
+        # Answering without the upstream needs lazy connections (MITMPROXY.md).
+        ctx.options.update(connection_strategy="lazy")
+        await self.sink.start()
+        assert self.engine is not None
+        repaired = self.engine.recover()
+        if repaired:
+            log.info("shim: recovered %d uploads after a restart", repaired)
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def done(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.sink.stop()
+        if self.engine is not None:
+            self.engine.store.close()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            if self.engine is not None:
+                removed = self.engine.sweep()
+                if removed:
+                    log.info("shim: removed %d expired uploads", removed)
+            await asyncio.sleep(SWEEP_INTERVAL)
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self.engine is None:
+            return
+        state: _FlowState | None = None
+        try:
+            request = _to_model(flow.request)
+            for protocol in self.protocols:
+                owner = _owner(request, self.config.owner_header)
+                command = protocol.parse(request, owner)
+                if command is not None:
+                    state = _FlowState(Exchange(self.engine, protocol, request, command, owner))
+                    flow.metadata[_STATE] = state
+                    state.exchange.begin()  # type: ignore[union-attr]
+                    break
+        except Exception:
+            log.exception("shim: failed to begin %s %s", flow.request.method, flow.request.path)
+            state = _FlowState(None, _internal_error())
+            flow.metadata[_STATE] = state
+        if state is not None:
+            self._route_to_sink(flow, state)
+
+    def _route_to_sink(self, flow: http.HTTPFlow, state: _FlowState) -> None:
+        """Stream the body into the exchange; the legacy server sees nothing of this request."""
+        flow.request.scheme = "http"
+        flow.request.host = "127.0.0.1"
+        flow.request.port = self.sink.port
+        flow.request.headers.pop("content-length", None)
+        flow.request.headers["transfer-encoding"] = "chunked"
+
+        def stream(data: bytes) -> list[bytes]:
+            state.streamed = True
+            if state.exchange is not None:
+                try:
+                    state.exchange.feed(data)
+                except Exception:
+                    log.exception("shim: failed to store a chunk")
+                    state.exchange, state.reply = None, _internal_error()
+            return []  # never b"": with chunked encoding that would end the body early
+
+        flow.request.stream = stream
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(_STATE)
+        if isinstance(state, _FlowState) and not state.streamed:
+            await self._answer(flow, state)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(_STATE)
+        if isinstance(state, _FlowState) and state.streamed:
+            await self._answer(flow, state)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(_STATE)
+        if isinstance(state, _FlowState) and state.exchange is not None:
+            try:
+                state.exchange.abort()
+            except Exception:
+                log.exception("shim: failed to keep the bytes of an aborted request")
+
+    async def _answer(self, flow: http.HTTPFlow, state: _FlowState) -> None:
+        reply = state.reply
+        if reply is None and state.exchange is not None:
+            reply = await _guarded(state.exchange.finish)
+        flow.response = _to_response(reply or _internal_error())
+        flow.metadata.pop(_STATE, None)
+
+
+def _reverse_origin(modes: list[str]) -> Origin:
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    for spec in modes:
+        mode = ProxyMode.parse(spec)
+        if isinstance(mode, ReverseMode):
+            scheme = "https" if mode.scheme == "https" else "http"
+            return Origin(scheme, mode.address[0], mode.address[1])
+    raise exceptions.OptionsError("the shim needs mitmproxy in reverse mode: --mode reverse:URL")
+
+
+async def _guarded(step: Callable[[], Awaitable[Reply]]) -> Reply:
+    """An exception must never reach mitmproxy: it would forward the request (MITMPROXY.md)."""
+    try:
+        return await step()
+    except Exception:
+        log.exception("shim: failed to finish a request")
+        return _internal_error()
+
+
+def _to_model(request: http.Request) -> Request:
+    path, _, query = request.path.partition("?")
+    fields = tuple((k, v) for k, v in request.headers.items(multi=True))
+    length_text = request.headers.get("content-length")
+    if length_text is not None and length_text.strip().isdigit():
+        body_length: int | None = int(length_text)
+    elif "chunked" in request.headers.get("transfer-encoding", "").lower():
+        body_length = None
+    else:
+        body_length = None if request.is_http2 or request.is_http3 else 0
+    return Request(request.method.upper(), path, query, fields, body_length)
+
+
+def _owner(request: Request, header: str) -> str:
+    """Who may touch an upload: a digest of the credentials that created it (or none)."""
+    value = request.header(header) if header else None
+    return hashlib.sha256(value.encode()).hexdigest() if value else ""
+
+
+def _to_response(reply: Reply) -> http.Response:
+    response = http.Response.make(
+        reply.status, reply.body, [(k.encode(), v.encode()) for k, v in reply.headers]
+    )
+    if reply.reason:
+        response.reason = reply.reason
+    if reply.status == 204 or reply.status < 200:
+        response.headers.pop("content-length", None)  # RFC 9110 section 8.6
+    return response
+
+
+def _internal_error() -> Reply:
+    return Reply(500, (("Content-Type", "text/plain; charset=utf-8"),),
+                 b"the shim failed to handle this request; nothing was forwarded\n")
+
+
+addons = [Shim()]

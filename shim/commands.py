@@ -1,0 +1,72 @@
+"""The commands protocol modules hand to the executor, and the outcome they get back.
+
+Commands are the protocol-independent verbs of resumable uploads: open (create), append,
+inspect, cancel, concatenate, or answer at once. A protocol module builds them from a request
+and renders an `Outcome` into a reply; `shim.exchange` carries them out on the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shim.engine import Checksum, Delivery, NewUpload
+from shim.errors import ShimError
+from shim.model import Reply, Upload
+
+
+@dataclass(frozen=True)
+class Immediate:
+    """Answer with `reply` and touch nothing (OPTIONS, or a request refused while parsing)."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Refuse:
+    error: ShimError
+
+
+@dataclass(frozen=True)
+class Open:
+    """Create an upload; with `with_body`, the request's body is its first bytes."""
+
+    new: NewUpload
+    with_body: bool = False
+    checksum: Checksum | None = None
+
+
+@dataclass(frozen=True)
+class Append:
+    upload_id: str
+    offset: int
+    checksum: Checksum | None = None
+    declared_length: int | None = None
+    max_size: int = 0
+
+
+@dataclass(frozen=True)
+class Inspect:
+    upload_id: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    upload_id: str
+
+
+@dataclass(frozen=True)
+class Concatenate:
+    new: NewUpload
+
+
+Command = Immediate | Refuse | Open | Append | Inspect | Cancel | Concatenate
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened: the upload's state afterwards, the delivery if one ran, or the error."""
+
+    upload: Upload | None = None
+    offset: int = 0
+    delivery: Delivery | None = None
+    error: ShimError | None = None

@@ -1,0 +1,147 @@
+"""The shim's configuration: YAML in, a frozen, validated `Config` out.
+
+Every key has a default, so the shim runs with no file at all. An error names the key and the
+problem (`tus.forward.body: must be one of 'raw', 'multipart', not 'form'`), and the shim
+refuses to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that the shim refuses to start with."""
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    method: Literal["PUT", "POST"] = "PUT"
+    path: str = "/uploads/{id}"
+    body: Literal["raw", "multipart"] = "raw"
+    field: str = "file"
+
+
+@dataclass(frozen=True)
+class TusConfig:
+    enabled: bool = True
+    endpoint: str = "/files/"
+    max_size: int = 0
+    """Largest upload accepted, in bytes; 0 means no limit (advertised as Tus-Max-Size)."""
+    expiration: int = 86400
+    """Seconds of inactivity after which an unfinished upload is removed; 0 means never."""
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    dir: str = "./shim-data"
+    fsync: bool = True
+    """fsync each chunk before acknowledging it, so an acknowledged byte survives power loss."""
+    min_free_bytes: int = 64 * 1024 * 1024
+    """Refuse to store more (507) when the disk has less free space than this."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    timeout: float = 300.0
+    """Seconds to wait for the legacy server to connect, read and answer one delivery."""
+
+
+@dataclass(frozen=True)
+class Config:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tus: TusConfig = field(default_factory=TusConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    owner_header: str = "authorization"
+    """Requests on an upload must carry the same value of this header as the one that made it."""
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a YAML file (or nothing: the embedded defaults) into a validated Config."""
+    if path is None or str(path) == "":
+        return Config()
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    return from_dict(raw or {})
+
+
+def from_dict(raw: object) -> Config:
+    config = _build(Config, raw, "")
+    _check(config)
+    return config
+
+
+def _build[T](cls: type[T], raw: object, prefix: str) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+    values = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
+    return cls(**values)
+
+
+def _convert(hint: Any, value: object, key: str) -> object:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")  # type: ignore[arg-type]
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key}: must be one of {allowed}, not {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}: must be {hint.__name__}, not {type(value).__name__}")
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no such key yet
+        raise ConfigError(f"{key}: unsupported type")
+    return value
+
+
+def _check(config: Config) -> None:
+    """Rules between values that types alone cannot say."""
+    endpoint = config.tus.endpoint
+    if not endpoint.startswith("/") or not endpoint.endswith("/"):
+        raise ConfigError(f"tus.endpoint: must start and end with '/', not {endpoint!r}")
+    _check_template("tus.forward.path", config.tus.forward.path)
+    for key, number in (
+        ("tus.max_size", config.tus.max_size),
+        ("tus.expiration", config.tus.expiration),
+        ("storage.min_free_bytes", config.storage.min_free_bytes),
+    ):
+        if number < 0:
+            raise ConfigError(f"{key}: must not be negative, not {number}")
+    if config.upstream.timeout <= 0:
+        raise ConfigError(f"upstream.timeout: must be positive, not {config.upstream.timeout}")
+    if not config.tus.forward.field:
+        raise ConfigError("tus.forward.field: must not be empty")
+
+
+def _check_template(key: str, template: str) -> None:
+    if not template.startswith("/"):
+        raise ConfigError(f"{key}: must start with '/', not {template!r}")
+    try:
+        names = [name for _, name, spec, conv in string.Formatter().parse(template) if name]
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a valid template: {exc}") from exc
+    for name in names:
+        if not name.isidentifier():
+            raise ConfigError(f"{key}: {{{name}}} is not a plain placeholder name")

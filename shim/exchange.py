@@ -1,0 +1,112 @@
+"""Carries one protocol command out on the engine, in two steps around the request body.
+
+`begin` runs when the request head arrives (create the upload, check the offset, open the
+file); `feed` receives the body chunk by chunk; `finish` runs when the body ended (commit,
+deliver when complete) and `abort` when the client went away. Protocol-agnostic: what the
+commands mean is fixed in `shim.commands`, how the answer looks is the protocol's business.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from shim import commands as c
+from shim import engine as e
+from shim.errors import ShimError
+from shim.model import Reply, Request, Upload
+from shim.protocols import Protocol
+
+log = logging.getLogger("shim.exchange")
+
+
+class Exchange:
+    def __init__(self, engine: e.Engine, protocol: Protocol, request: Request,
+                 command: c.Command, owner: str) -> None:
+        self.engine = engine
+        self.protocol = protocol
+        self.request = request
+        self.command = command
+        self.owner = owner
+        self.upload: Upload | None = None
+        self.append: e.Append | None = None
+        self.error: ShimError | None = None
+
+    def begin(self) -> None:
+        """Do what must happen before the body arrives; remember a refusal for `finish`."""
+        try:
+            self._begin()
+        except ShimError as exc:
+            self.error = exc
+
+    def _begin(self) -> None:
+        command = self.command
+        if isinstance(command, c.Refuse):
+            raise command.error
+        if isinstance(command, c.Open):
+            self.upload = self.engine.create(command.new)
+            if command.with_body:
+                self.append = self.engine.begin_append(
+                    self.upload, 0, self.request.body_length, command.checksum,
+                    command.new.max_size)
+        elif isinstance(command, c.Append):
+            upload = self.engine.get(command.upload_id, self.owner)
+            if command.declared_length is not None:
+                upload = self.engine.declare_length(upload, command.declared_length,
+                                                    command.max_size)
+            self.upload = upload
+            if upload.complete and not self.request.has_body and command.offset == upload.offset:
+                return  # a retried final request: finish() replays or retries the delivery
+            self.append = self.engine.begin_append(
+                upload, command.offset, self.request.body_length, command.checksum,
+                command.max_size)
+
+    def feed(self, data: bytes) -> None:
+        """One chunk of the body; dropped when the request was refused before its body."""
+        if self.append is not None:
+            self.append.feed(data)
+
+    def abort(self) -> None:
+        if self.append is not None:
+            upload = self.engine.abort_append(self.append)
+            self.append = None
+            log.info("client left mid-body; upload %s keeps %d bytes", upload.id, upload.offset)
+
+    async def finish(self) -> Reply:
+        try:
+            outcome = await self._finish()
+        except ShimError as exc:
+            outcome = c.Outcome(upload=self.upload, error=exc)
+        return self.protocol.render(self.request, self.command, outcome)
+
+    async def _finish(self) -> c.Outcome:
+        if self.error is not None:
+            self.abort()
+            return c.Outcome(upload=self.upload, error=self.error)
+        command = self.command
+        if isinstance(command, c.Immediate):
+            return c.Outcome()
+        if isinstance(command, c.Inspect):
+            return await self._settle(self.engine.refresh(
+                self.engine.get(command.upload_id, self.owner)))
+        if isinstance(command, c.Cancel):
+            self.engine.terminate(self.engine.get(command.upload_id, self.owner))
+            return c.Outcome()
+        if isinstance(command, c.Concatenate):
+            return await self._settle(self.engine.concatenate(command.new))
+        if self.append is not None:
+            append, self.append = self.append, None
+            self.upload = await self.engine.finish_append(append)
+        assert self.upload is not None
+        return await self._settle(self.upload)
+
+    async def _settle(self, upload: Upload) -> c.Outcome:
+        """Deliver what just became complete (or was complete but not yet delivered)."""
+        delivery = None
+        if upload.complete and upload.target is not None:
+            delivery = await self.engine.deliver(upload)
+            upload = self.engine.store.load(upload.id) or upload
+        elif upload.complete:
+            whole = self.engine.whole_of(upload)
+            if whole is not None and whole.complete:
+                delivery = await self.engine.deliver(whole)
+        return c.Outcome(upload=upload, offset=self.engine.offset_of(upload), delivery=delivery)

@@ -1,0 +1,105 @@
+"""Plain values passed between the layers: no I/O, no mitmproxy, no disk.
+
+A protocol module turns a `Request` into a command, the engine turns the command into an
+`Upload` state or an `Answer` from the legacy server, and the protocol renders a `Reply`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+HeaderList = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Request:
+    """The head of a client request, as the protocol modules see it (the body is streamed)."""
+
+    method: str
+    path: str
+    query: str = ""
+    fields: HeaderList = ()
+    body_length: int | None = 0
+    """Content-Length; None when the body is chunked and its length is not known yet."""
+
+    def header(self, name: str) -> str | None:
+        """The value of a header, repeated fields joined with ", " (RFC 9110 section 5.3)."""
+        wanted = name.lower()
+        values = [value for key, value in self.fields if key.lower() == wanted]
+        return ", ".join(values) if values else None
+
+    @property
+    def has_body(self) -> bool:
+        return self.body_length is None or self.body_length > 0
+
+    @property
+    def target(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the shim answers the client itself."""
+
+    status: int
+    headers: HeaderList = ()
+    body: bytes = b""
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """The ONE request that carries a finished file to the legacy server."""
+
+    method: str
+    path: str
+    headers: HeaderList = ()
+    body: Literal["raw", "multipart"] = "raw"
+    field: str = "file"
+    filename: str | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The legacy server's answer to a delivery, recorded so that a retry can replay it."""
+
+    status: int
+    reason: str
+    headers: HeaderList
+    body: bytes
+
+    @property
+    def accepted(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The durable state of one upload. `offset` counts committed bytes only."""
+
+    id: str
+    protocol: str
+    owner: str
+    length: int | None
+    offset: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    target: Target | None = None
+    parts: tuple[str, ...] = ()
+    """For a concatenated upload: the ids of the uploads whose bytes it is made of."""
+    created: float = 0.0
+    expires: float | None = None
+    answer: Answer | None = None
+    """The legacy server's answer once it accepted the file; never set for a refusal."""
+    unverified_from: int | None = None
+    """Set while a checksummed chunk is being written: bytes past it are not yet committed."""
+    terminated: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.length is not None and self.offset >= self.length
+
+    @property
+    def delivered(self) -> bool:
+        return self.answer is not None

@@ -1,0 +1,53 @@
+"""A tiny in-process HTTP/1.1 server that streamed request bodies are routed to.
+
+mitmproxy hands a body to an addon chunk by chunk only while it streams the request to some
+server (MITMPROXY.md, "Receiving a body chunk by chunk"). The shim's stream callable writes
+each chunk to disk and passes nothing on, so this sink only ever sees a request head and an
+empty chunked body, and answers 204; the addon replaces that answer in its `response` hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import h11
+
+
+class Sink:
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                elif isinstance(event, h11.EndOfMessage):
+                    writer.write(conn.send(h11.Response(status_code=204, headers=[])) or b"")
+                    writer.write(conn.send(h11.EndOfMessage()) or b"")
+                    await writer.drain()
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+        except (h11.ProtocolError, ConnectionError):
+            return
+        finally:
+            writer.close()

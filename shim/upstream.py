@@ -1,0 +1,154 @@
+"""The only code that talks to the legacy server: ONE complete request, streamed from disk.
+
+Uses h11 (already a mitmproxy dependency) over an asyncio connection, draining after each
+chunk so that memory stays flat whatever the file size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+
+from shim.model import Answer, Target
+
+MAX_ANSWER_BODY = 1024 * 1024
+"""The legacy server's answer body is kept (and replayed) up to this size."""
+
+_MANAGED_HEADERS = {"host", "content-length", "transfer-encoding", "content-type", "connection"}
+
+
+class UpstreamError(Exception):
+    """The legacy server could not be reached or broke off; it gave no answer."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) origin: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port)
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How the file's bytes are wrapped: nothing (raw) or one multipart/form-data part."""
+
+    content_type: str | None
+    head: bytes = b""
+    tail: bytes = b""
+
+    @classmethod
+    def for_target(cls, target: Target) -> Framing:
+        if target.body == "raw":
+            return cls(target.content_type)
+        boundary = f"shim-{secrets.token_hex(16)}"
+        filename = (target.filename or "upload").translate(_FORM_ESCAPES)
+        head = (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{target.field.translate(_FORM_ESCAPES)}"; '
+            f'filename="{filename}"\r\n'
+            f"Content-Type: {target.content_type or 'application/octet-stream'}\r\n\r\n"
+        )
+        tail = f"\r\n--{boundary}--\r\n"
+        return cls(f"multipart/form-data; boundary={boundary}", head.encode(), tail.encode())
+
+
+# The WHATWG HTML form encoding's escapes for names and filenames in multipart/form-data.
+_FORM_ESCAPES = str.maketrans({'"': "%22", "\r": "%0D", "\n": "%0A"})
+
+
+class Upstream:
+    def __init__(self, origin: Origin, timeout: float, verify_tls: bool = True) -> None:
+        self.origin = origin
+        self.timeout = timeout
+        self.verify_tls = verify_tls
+
+    async def send(self, target: Target, length: int, body: AsyncIterator[bytes]) -> Answer:
+        """Send `target` with `length` bytes of `body`; raise UpstreamError without an answer."""
+        framing = Framing.for_target(target)
+        try:
+            reader, writer = await self._timed(self._connect())
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(f"cannot connect to {self.origin.authority}: {exc}") from exc
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            total = len(framing.head) + length + len(framing.tail)
+            head = h11.Request(
+                method=target.method, target=target.path, headers=self._headers(target, framing, total)
+            )
+            await self._put(writer, conn.send(head))
+            await self._put(writer, conn.send(h11.Data(data=framing.head)))
+            async for chunk in body:
+                await self._put(writer, conn.send(h11.Data(data=chunk)))
+            await self._put(writer, conn.send(h11.Data(data=framing.tail)))
+            await self._put(writer, conn.send(h11.EndOfMessage()))
+            return await self._timed(_read_answer(conn, reader))
+        except (OSError, TimeoutError, h11.ProtocolError) as exc:
+            raise UpstreamError(f"{self.origin.authority} broke off the delivery: {exc!r}") from exc
+        finally:
+            writer.close()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        context: ssl.SSLContext | None = None
+        if self.origin.scheme == "https":
+            context = ssl.create_default_context()
+            if not self.verify_tls:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        return await asyncio.open_connection(self.origin.host, self.origin.port, ssl=context)
+
+    def _headers(self, target: Target, framing: Framing, total: int) -> list[tuple[str, str]]:
+        headers = [("Host", self.origin.authority), ("Content-Length", str(total))]
+        if framing.content_type:
+            headers.append(("Content-Type", framing.content_type))
+        headers += [(k, v) for k, v in target.headers if k.lower() not in _MANAGED_HEADERS]
+        return headers
+
+    async def _put(self, writer: asyncio.StreamWriter, data: bytes | None) -> None:
+        if data:
+            writer.write(data)
+            await self._timed(writer.drain())
+
+    async def _timed[T](self, step: Awaitable[T]) -> T:
+        async with asyncio.timeout(self.timeout):
+            return await step
+
+
+async def _read_answer(conn: h11.Connection, reader: asyncio.StreamReader) -> Answer:
+    response: h11.Response | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+        elif isinstance(event, h11.InformationalResponse):
+            continue
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data[: max(0, MAX_ANSWER_BODY - len(body))]
+        elif isinstance(event, h11.EndOfMessage) and response is not None:
+            headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers)
+            reason = response.reason.decode("latin-1")
+            return Answer(response.status_code, reason, headers, bytes(body))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise UpstreamError("the legacy server closed the connection without an answer")
