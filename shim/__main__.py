@@ -1,0 +1,101 @@
+"""`python -m shim`: the shim with mitmproxy embedded, no mitmdump command line needed.
+
+    python -m shim --upstream http://127.0.0.1:8080 [--config FILE] [--listen HOST:PORT]
+
+Without --upstream it also starts the embedded whole-file demo server (shim.demo_server),
+which stores what it receives in a folder, so an interrupted upload can be tried at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from mitmproxy import options
+from mitmproxy.tools.dump import DumpMaster
+
+from shim import config as shim_config
+from shim.addon import Shim
+from shim.demo_server import WholeFileServer
+
+DEFAULT_LISTEN = "127.0.0.1:8000"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shim", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--upstream", help="the legacy server, e.g. http://127.0.0.1:8080 "
+                        "(default: start the embedded demo server)")
+    parser.add_argument("--config", default="", help="YAML config file (default: embedded defaults)")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    parser.add_argument("--confdir", default="~/.mitmproxy", help="where mitmproxy keeps its CA")
+    parser.add_argument("--demo-dir", default="./shim-demo-received",
+                        help="where the demo server stores files (only without --upstream)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="do not log every request")
+    return parser.parse_args(argv)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--listen must be HOST:PORT, not {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def setup_logging() -> None:
+    """What mitmdump does (mitmproxy.tools.main.run): the root logger passes everything to
+    mitmproxy's termlog, which filters by its own verbosity option."""
+    logging.getLogger().setLevel(logging.DEBUG)
+    for noisy in ("tornado", "asyncio", "hpack"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    setup_logging()
+    host, port = split_listen(args.listen)
+    demo = None
+    upstream = args.upstream
+    if not upstream:
+        demo = WholeFileServer(Path(args.demo_dir), host="127.0.0.1", port=0)
+        demo.start()
+        upstream = demo.url
+        print(f"demo server storing whole files in {Path(args.demo_dir).resolve()} at {upstream}",
+              flush=True)
+    opts = options.Options(mode=[f"reverse:{upstream}"], listen_host=host, listen_port=port,
+                           confdir=args.confdir)
+    master = DumpMaster(opts, with_termlog=True, with_dumper=not args.quiet)
+    master.addons.add(Shim())
+    try:
+        master.options.update(shim_config=args.config)
+    except Exception as exc:  # mitmproxy wraps the config error in OptionsError
+        print(f"shim: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, master.shutdown)
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        await master.run()
+    finally:
+        if demo is not None:
+            demo.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.config:
+        try:
+            shim_config.load(args.config)
+        except shim_config.ConfigError as exc:
+            print(f"shim: refusing to start: {exc}", file=sys.stderr)
+            return 2
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
