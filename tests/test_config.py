@@ -1,0 +1,58 @@
+"""The config loader: embedded defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shim import config
+
+
+def test_no_file_means_the_embedded_defaults() -> None:
+    loaded = config.load(None)
+    assert loaded.tus.endpoint == "/files/"
+    assert loaded.tus.forward.method == "PUT"
+
+
+def test_the_example_config_is_valid_and_spells_out_every_default() -> None:
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    assert config.load(example) == config.Config()
+
+
+def test_values_are_read_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("tus:\n  forward: {method: POST, body: multipart, field: upload}\n"
+                    "upstream: {timeout: 5}\n")
+    loaded = config.load(path)
+    assert (loaded.tus.forward.method, loaded.tus.forward.body) == ("POST", "multipart")
+    assert loaded.upstream.timeout == 5.0
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"tus": {"forwrd": {}}}, "tus.forwrd"),
+    ({"tus": {"forward": {"method": "PATCH"}}}, "tus.forward.method"),
+    ({"tus": {"forward": {"body": "form"}}}, "tus.forward.body"),
+    ({"tus": {"forward": {"path": "uploads/{id}"}}}, "tus.forward.path"),
+    ({"tus": {"forward": {"path": "/{a.b}"}}}, "tus.forward.path"),
+    ({"tus": {"forward": {"path": "/{"}}}, "tus.forward.path"),
+    ({"tus": {"endpoint": "/files"}}, "tus.endpoint"),
+    ({"tus": {"max_size": -1}}, "tus.max_size"),
+    ({"tus": {"max_size": True}}, "tus.max_size"),
+    ({"storage": {"fsync": "yes"}}, "storage.fsync"),
+    ({"storage": "here"}, "storage"),
+    ({"upstream": {"timeout": 0}}, "upstream.timeout"),
+])
+def test_errors_name_the_key(raw: dict[str, object], key: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_dict(raw)
+    assert str(caught.value).startswith(f"{key}:")
+
+
+def test_unreadable_or_broken_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tus: [unclosed\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(broken)
