@@ -40,6 +40,14 @@ def test_paths_outside_the_endpoint_are_not_claimed(path: str) -> None:
     assert proto().parse(req("POST", path, *TUS), "") is None
 
 
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/files/report.pdf"), ("PUT", "/files"), ("HEAD", "/files/x"), ("DELETE", "/files/x"),
+    ("OPTIONS", "/files/x"), ("POST", "/files/"),
+])
+def test_requests_without_tus_fields_belong_to_the_legacy_server(method: str, path: str) -> None:
+    assert proto().parse(req(method, path, ("Content-Type", "text/plain")), "") is None
+
+
 def test_options_advertises_version_extensions_and_limits() -> None:
     command = proto().parse(req("OPTIONS", "/files/"), "")
     assert isinstance(command, c.Immediate)
@@ -54,7 +62,7 @@ def test_options_advertises_version_extensions_and_limits() -> None:
 @pytest.mark.parametrize("version", [None, "0.2.2", "1.0", ""])
 def test_wrong_or_missing_version_is_412_with_tus_version(version: str | None) -> None:
     fields = [("Tus-Resumable", version)] if version is not None else []
-    error = refused(proto().parse(req("HEAD", "/files/abc", *fields), ""))
+    error = refused(proto().parse(req("HEAD", "/files/abc", ("Upload-Offset", "0"), *fields), ""))
     assert error.status == 412
     reply = proto().render(req("HEAD", "/files/abc"), c.Refuse(error), c.Outcome(error=error))
     assert ("Tus-Version", "1.0.0") in reply.headers

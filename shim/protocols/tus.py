@@ -40,9 +40,9 @@ class Tus:
     # --- parsing --------------------------------------------------------------------------
 
     def parse(self, request: Request, owner: str) -> c.Command | None:
-        """Map a request under the endpoint to a command; None for any other path."""
+        """Map a tus request under the endpoint to a command; None for anything else."""
         upload_id = self._upload_id(request.path)
-        if upload_id is None:
+        if upload_id is None or not _speaks_tus(request, upload_id):
             return None
         method = _method(request)
         try:
@@ -187,6 +187,17 @@ class Tus:
 class _Template(dict[str, str]):
     def __missing__(self, key: str) -> str:
         raise KeyError(key)
+
+
+def _speaks_tus(request: Request, upload_id: str) -> bool:
+    """Whether a request under the endpoint is tus at all. Others (a browser's GET of a file
+    whose path happens to lie under the endpoint) belong to the legacy server. A request with
+    tus fields but a missing Tus-Resumable is tus, and gets its 412."""
+    if request.method == "OPTIONS":
+        return upload_id == "" or request.header("tus-resumable") is not None
+    if request.method == "PATCH":
+        return True
+    return any(name.lower().startswith(("tus-", "upload-")) for name, _ in request.fields)
 
 
 def _method(request: Request) -> str:

@@ -1,0 +1,188 @@
+"""The addon's hooks through mitmproxy's own test helpers (taddons, tflow): no sockets to
+clients, a real store on disk, and the legacy server address pointing nowhere - nothing in
+these tests may reach it."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions, http, options
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow, tutils
+
+from shim.addon import Shim
+from shim.protocols.tus import Tus
+
+NOWHERE = "reverse:http://127.0.0.1:1"
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def reverse() -> options.Options:
+    """Options as mitmdump has them when it loads the script: reverse mode already set."""
+    return options.Options(mode=[NOWHERE])
+
+
+@asynccontextmanager
+async def running_shim(tmp_path: Path, yaml: str = "") -> AsyncIterator[Shim]:
+    config = tmp_path / "shim.yaml"
+    config.write_text(f"storage: {{dir: {tmp_path / 'store'}, fsync: false}}\n{yaml}")
+    shim = Shim()
+    with taddons.context(shim, Proxyserver(), options=reverse()) as tctx:
+        tctx.configure(shim, shim_config=str(config))
+        await shim.running()
+        try:
+            yield shim
+        finally:
+            await shim.done()
+
+
+def flow(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> http.HTTPFlow:
+    fields = [(k.encode(), v.encode()) for k, v in headers.items()]
+    if body:
+        fields.append((b"content-length", str(len(body)).encode()))
+    request = tutils.treq(method=method.encode(), path=path.encode(), host="127.0.0.1", port=1,
+                          headers=http.Headers(fields), content=b"")
+    return tflow.tflow(req=request)
+
+
+async def exchange(shim: Shim, f: http.HTTPFlow, body: bytes = b"", cut_off: bool = False) -> None:
+    """Drive the hooks as mitmproxy does: body chunks through the stream callable."""
+    shim.requestheaders(f)
+    if not body:
+        await shim.request(f)
+        return
+    stream = f.request.stream
+    assert callable(stream)
+    for start in range(0, len(body), 4):
+        assert stream(body[start:start + 4]) == []
+    if cut_off:
+        shim.error(f)
+        return
+    stream(b"")
+    await shim.request(f)
+    f.response = http.Response.make(204)  # what the sink answers
+    await shim.response(f)
+
+
+async def create(shim: Shim, length: int) -> str:
+    f = flow("POST", "/files/", {**TUS, "Upload-Length": str(length)})
+    await exchange(shim, f)
+    assert f.response is not None and f.response.status_code == 201
+    return f.response.headers["Location"]
+
+
+async def head_offset(shim: Shim, location: str) -> int:
+    f = flow("HEAD", location, TUS)
+    await exchange(shim, f)
+    assert f.response is not None and f.response.status_code == 200
+    return int(f.response.headers["Upload-Offset"])
+
+
+def patch(location: str, offset: int, body: bytes) -> http.HTTPFlow:
+    return flow("PATCH", location, {**TUS, "Upload-Offset": str(offset),
+                                    "Content-Type": "application/offset+octet-stream"}, body)
+
+
+def test_requests_no_protocol_claims_pass_through_untouched(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with running_shim(tmp_path) as shim:
+            f = flow("PUT", "/files", {"Content-Type": "text/plain"}, b"whole")  # not under /files/
+            before = f.request.copy()
+            shim.requestheaders(f)
+            await shim.request(f)
+            assert f.response is None and not f.request.stream
+            assert f.request.get_state() == before.get_state()
+
+    asyncio.run(run())
+
+
+def test_a_chunk_is_written_through_the_stream_and_kept_on_a_cut_off(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with running_shim(tmp_path) as shim:
+            location = await create(shim, 100)
+            f = patch(location, 0, b"x" * 30)
+            await exchange(shim, f, b"x" * 30, cut_off=True)
+            assert f.request.host == "127.0.0.1" and f.request.port == shim.sink.port
+            assert await head_offset(shim, location) == 30
+            f = patch(location, 30, b"y" * 10)
+            await exchange(shim, f, b"y" * 10)
+            assert f.response is not None and f.response.headers["Upload-Offset"] == "40"
+
+    asyncio.run(run())
+
+
+def test_an_exception_is_answered_500_and_never_forwarded(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Tus, request: object, owner: str) -> None:
+        raise RuntimeError("bug")
+
+    async def run() -> None:
+        async with running_shim(tmp_path) as shim:
+            monkeypatch.setattr(Tus, "parse", broken)
+            f = flow("PATCH", "/files/abc", TUS, b"data")
+            await exchange(shim, f, b"data")
+            assert f.response is not None and f.response.status_code == 500
+            assert f.request.port == shim.sink.port  # the body went to the sink, not upstream
+
+    asyncio.run(run())
+
+
+def test_a_full_disk_while_streaming_is_507_and_keeps_earlier_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> None:
+        async with running_shim(tmp_path) as shim:
+            location = await create(shim, 100)
+            await exchange(shim, patch(location, 0, b"a" * 8), b"a" * 8)
+            f = patch(location, 8, b"b" * 8)
+            shim.requestheaders(f)
+            exchange_ = f.metadata["shim"].exchange
+            monkeypatch.setattr(exchange_.append.writer, "write", _enospc)
+            assert callable(f.request.stream)
+            f.request.stream(b"b" * 8)
+            f.request.stream(b"")
+            f.response = http.Response.make(204)
+            await shim.response(f)
+            assert f.response.status_code == 507
+            assert await head_offset(shim, location) == 8
+
+    asyncio.run(run())
+
+
+def _enospc(data: bytes) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("yaml, key", [
+    ("tus: {forward: {body: form}}", "tus.forward.body"),
+    ("tus: {endpont: /x/}", "tus.endpont"),
+])
+def test_a_bad_config_refuses_to_start_naming_the_key(tmp_path: Path, yaml: str, key: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml)
+    shim = Shim()
+    with taddons.context(shim, Proxyserver(), options=reverse()) as tctx, \
+            pytest.raises(exceptions.OptionsError, match=key):
+        tctx.configure(shim, shim_config=str(config))
+
+
+def test_the_shim_needs_reverse_mode(tmp_path: Path) -> None:
+    shim = Shim()
+    with taddons.context(shim, Proxyserver(), options=reverse()) as tctx, \
+            pytest.raises(exceptions.OptionsError, match="reverse"):
+        tctx.configure(shim, mode=["regular"])
+
+
+def test_running_makes_connections_lazy(tmp_path: Path) -> None:
+    async def run() -> None:
+        from mitmproxy import ctx
+
+        async with running_shim(tmp_path):
+            assert ctx.options.connection_strategy == "lazy"
+
+    asyncio.run(run())
+
