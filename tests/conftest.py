@@ -1,0 +1,50 @@
+"""Shared fixtures: the legacy whole-file server, shim processes, payload files, node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim.demo_server import WholeFileServer
+from tests.harness import PayloadFactory, ShimLauncher, require_node
+
+
+@pytest.fixture
+def legacy(tmp_path: Path) -> Iterator[WholeFileServer]:
+    """A started WholeFileServer storing into tmp_path/"legacy"; stopped at teardown."""
+    server = WholeFileServer(tmp_path / "legacy")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def shim(legacy: WholeFileServer, tmp_path: Path) -> Iterator[ShimLauncher]:
+    """Factory ``shim(config=None, kind="mitmdump") -> ShimProcess`` in front of ``legacy``.
+
+    Every shim it started is killed at teardown, and their output is printed (pytest shows
+    it in the report of a failed test).
+    """
+    launcher = ShimLauncher(legacy.url, tmp_path)
+    try:
+        yield launcher
+    finally:
+        launcher.kill_all()
+        if launcher.started:
+            print(launcher.report())
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> PayloadFactory:
+    """Factory ``payload(size) -> Path`` writing random bytes below tmp_path/"payloads"."""
+    return PayloadFactory(tmp_path / "payloads")
+
+
+@pytest.fixture
+def node() -> None:
+    """Require node and tus-js-client: skip if missing, but fail under CI."""
+    require_node()
