@@ -117,7 +117,7 @@ class Shim:
                 owner = _owner(request, self.config.owner_header)
                 command = protocol.parse(request, owner)
                 if command is not None:
-                    state = _FlowState(Exchange(self.engine, protocol, request, command, owner))
+                    state = _FlowState(Exchange(self.engine, protocol, request, command))
                     flow.metadata[_STATE] = state
                     state.exchange.begin()  # type: ignore[union-attr]
                     break

@@ -38,6 +38,7 @@ class Open:
 @dataclass(frozen=True)
 class Append:
     upload_id: str
+    owner: str
     offset: int
     checksum: Checksum | None = None
     declared_length: int | None = None
@@ -47,11 +48,28 @@ class Append:
 @dataclass(frozen=True)
 class Inspect:
     upload_id: str
+    owner: str
 
 
 @dataclass(frozen=True)
 class Cancel:
     upload_id: str
+    owner: str
+
+
+@dataclass(frozen=True)
+class WriteRange:
+    """Bytes `start`.. of an upload named by `upload_id`, or found by `key` and made from
+    `new` when a range starts at 0 and there is none (or the last one was delivered).
+    `start` None is an inquiry; `total` fixes the length once known."""
+
+    owner: str
+    new: NewUpload | None = None
+    key: str | None = None
+    upload_id: str | None = None
+    start: int | None = None
+    total: int | None = None
+    max_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,7 +77,7 @@ class Concatenate:
     new: NewUpload
 
 
-Command = Immediate | Refuse | Open | Append | Inspect | Cancel | Concatenate
+Command = Immediate | Refuse | Open | Append | Inspect | Cancel | Concatenate | WriteRange
 
 
 @dataclass(frozen=True)

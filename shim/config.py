@@ -42,6 +42,17 @@ class TusConfig:
 
 
 @dataclass(frozen=True)
+class ContentRangeConfig:
+    enabled: bool = True
+    paths: tuple[str, ...] = ()
+    """Path prefixes where PUT/POST with Content-Range is a resumable upload; empty: all."""
+    sessions: bool = True
+    """Google-style sessions: POST ?uploadType=resumable or x-goog-resumable: start."""
+    max_size: int = 0
+    expiration: int = 86400
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     dir: str = "./shim-data"
     fsync: bool = True
@@ -60,6 +71,7 @@ class UpstreamConfig:
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tus: TusConfig = field(default_factory=TusConfig)
+    content_range: ContentRangeConfig = field(default_factory=ContentRangeConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     owner_header: str = "authorization"
     """Requests on an upload must carry the same value of this header as the one that made it."""
@@ -105,6 +117,10 @@ def _convert(hint: Any, value: object, key: str) -> object:
             allowed = ", ".join(repr(c) for c in choices)
             raise ConfigError(f"{key}: must be one of {allowed}, not {value!r}")
         return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{key}: must be a list of strings")
+        return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(hint, type) and (
@@ -122,7 +138,12 @@ def _check(config: Config) -> None:
     if not endpoint.startswith("/") or not endpoint.endswith("/"):
         raise ConfigError(f"tus.endpoint: must start and end with '/', not {endpoint!r}")
     _check_template("tus.forward.path", config.tus.forward.path)
+    for prefix in config.content_range.paths:
+        if not prefix.startswith("/"):
+            raise ConfigError(f"content_range.paths: {prefix!r} must start with '/'")
     for key, number in (
+        ("content_range.max_size", config.content_range.max_size),
+        ("content_range.expiration", config.content_range.expiration),
         ("tus.max_size", config.tus.max_size),
         ("tus.expiration", config.tus.expiration),
         ("storage.min_free_bytes", config.storage.min_free_bytes),

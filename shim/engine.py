@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 
 from shim import errors
 from shim.errors import ShimError
+
+__all__ = ["Append", "Checksum", "Delivery", "Engine", "NewUpload", "ShimError", "new_upload_id"]
 from shim.model import Answer, Target, Upload
 from shim.store import ChunkWriter, Store
 from shim.upstream import Upstream, UpstreamError
@@ -76,8 +78,14 @@ class Append:
         self.checksum = checksum
         self.hasher = hashlib.new(checksum.algorithm) if checksum else None
         self.failure: ShimError | None = None
+        self.skip = 0
+        """Bytes at the start of the body that are stored already (a retried range)."""
 
     def feed(self, data: bytes) -> None:
+        if self.skip and data:
+            dropped = min(self.skip, len(data))
+            self.skip -= dropped
+            data = data[dropped:]
         if self.failure is not None or not data:
             return
         if self.room is not None and self.writer.written + len(data) > self.room:
@@ -111,7 +119,24 @@ class Engine:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def create(self, new: NewUpload) -> Upload:
+    def create(self, new: NewUpload, key: str | None = None) -> Upload:
+        """A new upload; `key` names it for protocols that find uploads by URL, not by id."""
+        upload = self._create(new)
+        if key is not None:
+            self.store.link(key, upload.id)
+        return upload
+
+    def find(self, key: str, owner: str) -> Upload | None:
+        """The live upload last created under `key`, if any."""
+        upload_id = self.store.resolve(key)
+        if upload_id is None:
+            return None
+        try:
+            return self.get(upload_id, owner)
+        except ShimError:
+            return None
+
+    def _create(self, new: NewUpload) -> Upload:
         if new.max_size and new.length is not None and new.length > new.max_size:
             raise errors.too_large(f"the upload is larger than the limit of {new.max_size} bytes")
         now = self.clock()
@@ -186,6 +211,22 @@ class Engine:
             self.store.save(upload)
         append = Append(upload, self.store.writer(upload.id, offset), room, checksum)
         self._active[upload.id] = append
+        return append
+
+    def begin_range(self, upload: Upload, start: int, body_length: int | None,
+                    max_size: int = 0) -> Append | None:
+        """Write a body that starts at `start`, at or before the stored end: the bytes already
+        stored are skipped, never written twice; a start past the end would leave a gap and is
+        refused (seed 000; draft-wright-http-partial-upload, "Security Considerations")."""
+        if start > upload.offset:
+            raise ShimError("gap", f"{upload.offset} bytes are stored; a range must start at or "
+                            f"before {upload.offset}, not at {start}", 416)
+        skip = upload.offset - start
+        if body_length is not None and body_length <= skip:
+            return None
+        remaining = None if body_length is None else body_length - skip
+        append = self.begin_append(upload, upload.offset, remaining, max_size=max_size)
+        append.skip = skip
         return append
 
     async def finish_append(self, append: Append) -> Upload:

@@ -21,12 +21,11 @@ log = logging.getLogger("shim.exchange")
 
 class Exchange:
     def __init__(self, engine: e.Engine, protocol: Protocol, request: Request,
-                 command: c.Command, owner: str) -> None:
+                 command: c.Command) -> None:
         self.engine = engine
         self.protocol = protocol
         self.request = request
         self.command = command
-        self.owner = owner
         self.upload: Upload | None = None
         self.append: e.Append | None = None
         self.error: ShimError | None = None
@@ -49,7 +48,7 @@ class Exchange:
                     self.upload, 0, self.request.body_length, command.checksum,
                     command.new.max_size)
         elif isinstance(command, c.Append):
-            upload = self.engine.get(command.upload_id, self.owner)
+            upload = self.engine.get(command.upload_id, command.owner)
             if command.declared_length is not None:
                 upload = self.engine.declare_length(upload, command.declared_length,
                                                     command.max_size)
@@ -59,6 +58,36 @@ class Exchange:
             self.append = self.engine.begin_append(
                 upload, command.offset, self.request.body_length, command.checksum,
                 command.max_size)
+        elif isinstance(command, c.WriteRange):
+            self._begin_range(command)
+
+    def _begin_range(self, command: c.WriteRange) -> None:
+        upload = self._range_upload(command)
+        if upload is None or upload.delivered:
+            return  # an inquiry about nothing, or a retry of a delivered file: finish() replies
+        if command.total is not None:
+            upload = self.engine.declare_length(upload, command.total, command.max_size)
+        self.upload = upload
+        if command.start is not None:
+            self.append = self.engine.begin_range(upload, command.start, self.request.body_length,
+                                                  command.max_size)
+
+    def _range_upload(self, command: c.WriteRange) -> Upload | None:
+        """The upload a range belongs to; a new one only for a range that starts at 0."""
+        upload: Upload | None
+        if command.upload_id is not None:
+            upload = self.engine.get(command.upload_id, command.owner)
+        else:
+            assert command.key is not None
+            upload = self.engine.find(command.key, command.owner)
+        fresh = upload is None or (upload.delivered and command.start == 0)
+        if fresh and command.start == 0 and command.new is not None:
+            upload = self.engine.create(command.new, command.key)
+        elif upload is None and command.start:
+            raise e.ShimError("gap", f"nothing is stored; a range must start at 0, not at "
+                              f"{command.start}", 416)
+        self.upload = upload
+        return upload
 
     def feed(self, data: bytes) -> None:
         """One chunk of the body; dropped when the request was refused before its body."""
@@ -87,17 +116,18 @@ class Exchange:
             return c.Outcome()
         if isinstance(command, c.Inspect):
             return await self._settle(self.engine.refresh(
-                self.engine.get(command.upload_id, self.owner)))
+                self.engine.get(command.upload_id, command.owner)))
         if isinstance(command, c.Cancel):
-            self.engine.terminate(self.engine.get(command.upload_id, self.owner))
+            self.engine.terminate(self.engine.get(command.upload_id, command.owner))
             return c.Outcome()
         if isinstance(command, c.Concatenate):
             return await self._settle(self.engine.concatenate(command.new))
         if self.append is not None:
             append, self.append = self.append, None
             self.upload = await self.engine.finish_append(append)
-        assert self.upload is not None
-        return await self._settle(self.upload)
+        if self.upload is None:
+            return c.Outcome()
+        return await self._settle(self.engine.store.load(self.upload.id) or self.upload)
 
     async def _settle(self, upload: Upload) -> c.Outcome:
         """Deliver what just became complete (or was complete but not yet delivered)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+from dataclasses import dataclass
 
 from shim import errors
 from shim.model import HeaderList
@@ -42,3 +43,42 @@ def forwardable(fields: HeaderList, protocol_prefixes: tuple[str, ...],
 def http_date(timestamp: float) -> str:
     """An IMF-fixdate (RFC 9110 section 5.6.7)."""
     return email.utils.formatdate(timestamp, usegmt=True)
+
+
+@dataclass(frozen=True)
+class ContentRange:
+    """`bytes S-E/TOTAL`, `bytes S-E/*`, `bytes */TOTAL` or `bytes */*` (RFC 9110 section
+    14.4; the `*/*` inquiry is Google's). None stands for `*`."""
+
+    start: int | None
+    end: int | None
+    total: int | None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.start is None or self.end is None else self.end - self.start + 1
+
+
+_CONTENT_RANGE = re.compile(r"bytes[ =](?:(\d{1,19})-(\d{1,19})|(\*))/(?:(\d{1,19})|(\*))")
+
+
+def parse_content_range(value: str) -> ContentRange:
+    """Parse a Content-Range request field; every malformed form is a 400 naming the value."""
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match is None:
+        raise errors.bad_request(f"malformed Content-Range {value!r}: want 'bytes S-E/TOTAL'")
+    start_text, end_text, _, total_text, _ = match.groups()
+    total = int(total_text) if total_text is not None else None
+    if start_text is None:
+        return ContentRange(None, None, total)
+    start, end = int(start_text), int(end_text)
+    if end < start:
+        raise errors.bad_request(f"Content-Range {value!r} ends before it starts")
+    if total is not None and end >= total:
+        raise errors.ShimError("range", f"Content-Range {value!r} goes past its total", 416)
+    return ContentRange(start, end, total)
+
+
+def format_range(stored: int) -> str | None:
+    """The `Range` of a 308 Resume Incomplete: the bytes stored, or None for none."""
+    return f"bytes=0-{stored - 1}" if stored > 0 else None

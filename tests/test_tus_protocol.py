@@ -176,7 +176,7 @@ UPLOAD = Upload(id="abc", protocol="tus", owner="", length=10, offset=4,
 
 
 def test_head_reply_carries_offset_length_metadata_and_no_store() -> None:
-    reply = proto().render(req("HEAD", "/files/abc"), c.Inspect("abc"), c.Outcome(UPLOAD, 6))
+    reply = proto().render(req("HEAD", "/files/abc"), c.Inspect("abc", ""), c.Outcome(UPLOAD, 6))
     headers = dict(reply.headers)
     assert reply.status == 200
     assert (headers["Upload-Offset"], headers["Upload-Length"]) == ("6", "10")
@@ -185,7 +185,7 @@ def test_head_reply_carries_offset_length_metadata_and_no_store() -> None:
 
 
 def test_patch_reply_has_the_new_offset_and_expiry() -> None:
-    reply = proto().render(req("PATCH", "/files/abc"), c.Append("abc", 0), c.Outcome(UPLOAD, 4))
+    reply = proto().render(req("PATCH", "/files/abc"), c.Append("abc", "", 0), c.Outcome(UPLOAD, 4))
     headers = dict(reply.headers)
     assert reply.status == 204 and headers["Upload-Offset"] == "4"
     assert headers["Upload-Expires"].endswith("GMT")
@@ -193,7 +193,7 @@ def test_patch_reply_has_the_new_offset_and_expiry() -> None:
 
 def test_checksum_mismatch_renders_as_460() -> None:
     error = ShimError("checksum-mismatch", "no", 460)
-    reply = proto().render(req("PATCH", "/files/abc"), c.Append("abc", 0), c.Outcome(error=error))
+    reply = proto().render(req("PATCH", "/files/abc"), c.Append("abc", "", 0), c.Outcome(error=error))
     assert reply.status == 460
 
 
@@ -207,7 +207,7 @@ ACCEPTED = Answer(201, "Created", (("Location", "/in/x"),), b"ok")
     (Delivery(None, "connection refused"), 502),
 ])
 def test_final_patch_reports_the_legacy_servers_answer(delivery: Delivery, status: int) -> None:
-    reply = proto().render(req("PATCH", "/files/abc"), c.Append("abc", 4),
+    reply = proto().render(req("PATCH", "/files/abc"), c.Append("abc", "", 4),
                            c.Outcome(UPLOAD, 10, delivery))
     headers = dict(reply.headers)
     assert reply.status == status

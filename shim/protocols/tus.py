@@ -69,11 +69,11 @@ class Tus:
                 raise ShimError("method", f"{method} is not allowed on the endpoint", 405)
             return self._create(request, owner)
         if method == "HEAD":
-            return c.Inspect(upload_id)
+            return c.Inspect(upload_id, owner)
         if method == "PATCH":
-            return self._append(upload_id, request)
+            return self._append(upload_id, request, owner)
         if method == "DELETE":
-            return c.Cancel(upload_id)
+            return c.Cancel(upload_id, owner)
         raise ShimError("method", f"{method} is not allowed on an upload", 405)
 
     def _create(self, request: Request, owner: str) -> c.Command:
@@ -132,7 +132,7 @@ class Tus:
             raise errors.bad_request("Upload-Concat: final names no partial uploads")
         return tuple(ids)
 
-    def _append(self, upload_id: str, request: Request) -> c.Command:
+    def _append(self, upload_id: str, request: Request, owner: str) -> c.Command:
         """Core "PATCH"; a deferred length may be given here (creation-defer-length)."""
         _check_chunk_type(request)
         offset_text = request.header("upload-offset")
@@ -140,7 +140,7 @@ class Tus:
             raise errors.bad_request("Upload-Offset is missing")
         length_text = request.header("upload-length")
         return c.Append(
-            upload_id, parse_length(offset_text, "Upload-Offset"),
+            upload_id, owner, parse_length(offset_text, "Upload-Offset"),
             checksum=parse_checksum(request),
             declared_length=parse_length(length_text, "Upload-Length") if length_text else None,
             max_size=self.config.max_size,
