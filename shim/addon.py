@@ -22,6 +22,7 @@ from shim.engine import Engine
 from shim.exchange import Exchange
 from shim.model import Reply, Request
 from shim.protocols import Protocol
+from shim.protocols.content_range import ContentRangeProtocol
 from shim.protocols.tus import Tus
 from shim.sink import Sink
 from shim.store import Store
@@ -75,7 +76,7 @@ class Shim:
         store = Store(config.storage.dir, fsync=config.storage.fsync)
         upstream = Upstream(origin, config.upstream.timeout, not ctx.options.ssl_insecure)
         self.engine = Engine(store, upstream, config.storage.min_free_bytes)
-        self.protocols = [Tus(config.tus)] if config.tus.enabled else []
+        self.protocols = _protocols(config)
         self._config_path = path
         log.info("shim: storing uploads in %s, delivering to %s", store.directory,
                  origin.authority)
@@ -170,8 +171,18 @@ class Shim:
         reply = state.reply
         if reply is None and state.exchange is not None:
             reply = await _guarded(state.exchange.finish)
-        flow.response = _to_response(reply or _internal_error())
+        flow.response = _to_response(reply or _internal_error(), flow.request.method)
         flow.metadata.pop(_STATE, None)
+
+
+def _protocols(config: shim_config.Config) -> list[Protocol]:
+    """The enabled protocols, in the order they are asked whether a request is theirs."""
+    enabled: list[Protocol] = []
+    if config.tus.enabled:
+        enabled.append(Tus(config.tus))
+    if config.content_range.enabled:
+        enabled.append(ContentRangeProtocol(config.content_range))
+    return enabled
 
 
 def _reverse_origin(modes: list[str]) -> Origin:
@@ -213,9 +224,12 @@ def _owner(request: Request, header: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest() if value else ""
 
 
-def _to_response(reply: Reply) -> http.Response:
+def _to_response(reply: Reply, method: str) -> http.Response:
+    # A reply to HEAD has no content (RFC 9110 section 9.3.2); a body there would be read as
+    # the next response on a kept-alive connection.
+    body = b"" if method.upper() == "HEAD" else reply.body
     response = http.Response.make(
-        reply.status, reply.body, [(k.encode(), v.encode()) for k, v in reply.headers]
+        reply.status, body, [(k.encode(), v.encode()) for k, v in reply.headers]
     )
     if reply.reason:
         response.reason = reply.reason

@@ -16,13 +16,25 @@
 //                         event with the upload URL and exit with code 3
 //   uploadLengthDeferred? create the upload without Upload-Length (sent with the last PATCH)
 //   uploadDataDuringCreation?  send the first chunk with the creation POST
+//   traceResponses?       print a "response" event for every HTTP exchange (see below)
+//   holdAfterBytes?       hand over the file's bytes up to (not including) this position, then
+//                         send nothing more in the middle of the request body that carries
+//                         it (which never ends), print a "holding" event and wait: the test
+//                         then breaks the connection (kills this process, or the server).
+//                         Used once; the position must fall strictly inside a request body.
 //
 // It prints JSON lines on stdout:
 //   {"event":"url","url":...}                  as soon as the upload URL is known
 //   {"event":"progress","sent":n,"total":n}    at most every 5% (and at the end)
 //   {"event":"success","url":...}              done, exit 0
 //   {"event":"aborted","url":...,"sent":n}     stopAfterBytes reached, exit 3
+//   {"event":"holding","url":...,"sent":n}     holdAfterBytes reached: n bytes handed over
 //   {"event":"error","message":...,"status":n} failed, exit 1 (status: last HTTP status or null)
+//   {"event":"response","method":...,"url":...,"status":n,"requestOffset":...,
+//    "responseOffset":...,"upstreamStatus":...,"upstreamLocation":...}
+//                                              only with traceResponses: one per answered
+//                                              request (offsets and the Shim-Upstream-*
+//                                              headers as strings, or null when absent)
 // Exit code 2 means the arguments were unusable.
 //
 // No URL storage or fingerprinting is used: resuming is explicit through `uploadUrl`.
@@ -35,6 +47,7 @@
 // random access, so resuming at any offset and parallel uploads work).
 
 import { createReadStream, ReadStream, statSync } from 'node:fs'
+import { PassThrough } from 'node:stream'
 import * as tus from 'tus-js-client'
 
 const PROGRESS_STEP = 0.05
@@ -46,6 +59,18 @@ function emit(event) {
 function fail(message, status = null, code = 1) {
   emit({ event: 'error', message, status })
   process.exit(code)
+}
+
+// holdAfterBytes: {at, reached()} until the slice containing file position `at` was made.
+let hold = null
+
+// A stream of the file's bytes [start, at) that never ends; calls reached() once they are read.
+function heldStream(path, start, at, reached) {
+  const body = new PassThrough()
+  const head = createReadStream(path, { start, end: at - 1 }) // inclusive
+  head.on('end', reached)
+  head.pipe(body, { end: false })
+  return body
 }
 
 // A random-access source over [offset, offset + size) of a file on disk.
@@ -65,9 +90,18 @@ class FileSliceSource {
       empty.size = 0
       return Promise.resolve({ value: empty, done })
     }
+    const from = this._offset + start
+    const to = this._offset + stop
+    if (hold !== null && from < hold.at && hold.at < to) {
+      const { at, reached } = hold
+      hold = null
+      const body = heldStream(this._path, from, at, reached)
+      body.size = length
+      return Promise.resolve({ value: body, done })
+    }
     const stream = createReadStream(this._path, {
-      start: this._offset + start,
-      end: this._offset + stop - 1, // inclusive
+      start: from,
+      end: to - 1, // inclusive
     })
     stream.size = length
     return Promise.resolve({ value: stream, done })
@@ -161,6 +195,20 @@ function errorStatus(err) {
   return res ? res.getStatus() : null
 }
 
+function traceResponse(req, res) {
+  const text = (value) => (value == null ? null : String(value))
+  emit({
+    event: 'response',
+    method: req.getMethod(),
+    url: req.getURL(),
+    status: res.getStatus(),
+    requestOffset: text(req.getHeader('Upload-Offset')),
+    responseOffset: text(res.getHeader('Upload-Offset')),
+    upstreamStatus: text(res.getHeader('Shim-Upstream-Status')),
+    upstreamLocation: text(res.getHeader('Shim-Upstream-Location')),
+  })
+}
+
 function main() {
   const args = parseArgs()
   let fileSize
@@ -195,6 +243,11 @@ function main() {
     onError(err) {
       fail(String(err?.message ?? err), errorStatus(err))
     },
+  }
+  if (args.traceResponses) hooks.onAfterResponse = traceResponse
+  if (args.holdAfterBytes != null) {
+    const at = args.holdAfterBytes
+    hold = { at, reached: () => emit({ event: 'holding', url: upload.url, sent: at }) }
   }
   upload = new tus.Upload(createReadStream(args.file), buildOptions(args, fileSize, hooks))
   upload.start()

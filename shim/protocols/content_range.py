@@ -1,0 +1,180 @@
+"""PUT/POST with Content-Range and 308 Resume Incomplete (seed 000), including Google Cloud
+Storage's resumable sessions (PROTOCOLS.md section 3).
+
+Without a session, an upload is named by method, URL and owner: the client PUTs chunks to the
+legacy server's own URL. With a session (`POST ?uploadType=resumable` or `x-goog-resumable:
+start`) the client gets a session URI on the shim and sends its chunks there; the session URI
+is the capability, as at Google, so chunks need no credentials of their own.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode
+
+from shim import commands as c
+from shim import errors
+from shim.config import ContentRangeConfig
+from shim.engine import NewUpload, new_upload_id
+from shim.errors import ShimError
+from shim.model import Answer, HeaderList, Reply, Request, Target
+from shim.wire import ContentRange, format_range, forwardable, parse_content_range, parse_length
+
+RESUME_INCOMPLETE = "Resume Incomplete"
+SESSION_PARAM = "upload_id"
+_PROTOCOL_FIELDS = frozenset({
+    "content-range", "x-upload-content-type", "x-upload-content-length", "x-goog-resumable",
+})
+
+
+class ContentRangeProtocol:
+    name = "content-range"
+
+    def __init__(self, config: ContentRangeConfig) -> None:
+        self.config = config
+
+    def parse(self, request: Request, owner: str) -> c.Command | None:
+        params = parse_qsl(request.query, keep_blank_values=True)
+        session_id = dict(params).get(SESSION_PARAM)
+        try:
+            if self.config.sessions and session_id and request.method in ("PUT", "POST", "DELETE"):
+                return self._session_request(request, session_id)
+            if not self._eligible(request.path):
+                return None
+            if self.config.sessions and request.method == "POST" and _opens_session(request, params):
+                return self._open_session(request, owner, params)
+            range_field = request.header("content-range")
+            if request.method in ("PUT", "POST") and range_field is not None:
+                return self._keyed_range(request, owner, range_field)
+        except ShimError as exc:
+            return c.Refuse(exc)
+        return None
+
+    def _eligible(self, path: str) -> bool:
+        return not self.config.paths or any(path.startswith(p) for p in self.config.paths)
+
+    # --- plain Content-Range on the legacy server's URL -----------------------------------
+
+    def _keyed_range(self, request: Request, owner: str, range_field: str) -> c.Command:
+        chunk = _chunk(request, range_field)
+        key = f"content-range:{owner}:{request.method} {request.target}"
+        new = self._new(request, owner, chunk.total, _target(request, request.method))
+        return c.WriteRange(owner, new, key=key, start=chunk.start, total=chunk.total,
+                            max_size=self.config.max_size)
+
+    # --- Google-style sessions ------------------------------------------------------------
+
+    def _open_session(self, request: Request, owner: str,
+                      params: list[tuple[str, str]]) -> c.Command:
+        """Initiation: the file will go to the same URL without `uploadType`."""
+        length_field = request.header("x-upload-content-length")
+        length = parse_length(length_field, "X-Upload-Content-Length") if length_field else None
+        kept = [(k, v) for k, v in params if k != "uploadType"]
+        target = _target(request, "POST", path=_with_query(request.path, kept),
+                         content_type=request.header("x-upload-content-type"))
+        # The session URI is the capability (as at Google): no owner is checked on it.
+        new = self._new(request, "", length, target)
+        return c.Open(new)
+
+    def _session_request(self, request: Request, session_id: str) -> c.Command:
+        if request.method == "DELETE":
+            return c.Cancel(session_id, "")
+        range_field = request.header("content-range")
+        if range_field is None:
+            if request.body_length is None:
+                raise errors.bad_request("a chunk needs Content-Range or Content-Length")
+            range_field = f"bytes 0-{request.body_length - 1}/{request.body_length}" \
+                if request.body_length else "bytes */0"
+        chunk = _chunk(request, range_field)
+        return c.WriteRange("", upload_id=session_id, start=chunk.start, total=chunk.total,
+                            max_size=self.config.max_size)
+
+    def _new(self, request: Request, owner: str, length: int | None, target: Target) -> NewUpload:
+        if self.config.max_size and length is not None and length > self.config.max_size:
+            raise errors.too_large(f"{length} bytes is more than the limit of {self.config.max_size}")
+        return NewUpload(id=new_upload_id(), protocol=self.name, owner=owner, length=length,
+                         metadata={}, target=target, max_size=self.config.max_size,
+                         expiration=self.config.expiration)
+
+    # --- rendering ------------------------------------------------------------------------
+
+    def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
+        if isinstance(command, c.Immediate):
+            return command.reply
+        if outcome.error is not None:
+            return _error(outcome.error, outcome.upload.offset if outcome.upload else 0)
+        if isinstance(command, c.Cancel):
+            return Reply(499, (), b"", "Client Closed Request")  # what GCS answers (section 3)
+        upload = outcome.upload
+        if isinstance(command, c.Open) and upload is not None:
+            params = parse_qsl(request.query, keep_blank_values=True)
+            location = _with_query(request.path, [*params, (SESSION_PARAM, upload.id)])
+            return Reply(200, (("Location", location), ("Content-Length", "0")))
+        session = isinstance(command, c.WriteRange) and command.upload_id is not None
+        delivery = outcome.delivery
+        if delivery is not None and delivery.answer is None:
+            return _text(502, f"the upload is complete but was not delivered: {delivery.problem}")
+        answer = delivery.answer if delivery is not None else (upload.answer if upload else None)
+        if answer is not None:
+            return _legacy_answer(answer, session)
+        return _resume_incomplete(outcome.offset if upload is not None else 0)
+
+
+def _opens_session(request: Request, params: list[tuple[str, str]]) -> bool:
+    return ("uploadType", "resumable") in params or \
+        (request.header("x-goog-resumable") or "").strip().lower() == "start"
+
+
+def _chunk(request: Request, range_field: str) -> ContentRange:
+    """A chunk's range must match its body: Content-Length = END - START + 1 (RFC 9110 14.4)."""
+    chunk = parse_content_range(range_field)
+    body = request.body_length
+    if chunk.start is None and body:
+        raise errors.bad_request("an inquiry (Content-Range: bytes */N) must have no body")
+    if chunk.start is not None and body is not None and body != chunk.size:
+        raise errors.bad_request(f"Content-Range announces {chunk.size} bytes, the body has {body}")
+    return chunk
+
+
+def _target(request: Request, method: str, path: str | None = None,
+            content_type: str | None = None) -> Target:
+    headers = forwardable(request.fields, ("x-goog-", "x-guploader-"), _PROTOCOL_FIELDS)
+    content_type = content_type or request.header("content-type")
+    headers = tuple((k, v) for k, v in headers if k.lower() != "content-type")
+    return Target(method=method, path=path or request.target, headers=headers,
+                  content_type=content_type)
+
+
+def _with_query(path: str, params: list[tuple[str, str]]) -> str:
+    return f"{path}?{urlencode(params)}" if params else path
+
+
+def _legacy_answer(answer: Answer, session: bool) -> Reply:
+    """The legacy server's own answer. GCS clients accept only 200 as a session's final
+    status, so in a session a 2xx is given as 200, headers and body kept."""
+    status, reason = answer.status, answer.reason
+    if session and answer.accepted:
+        status, reason = 200, "OK"
+    headers: HeaderList = tuple(
+        (k, v) for k, v in answer.headers
+        if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"))
+    return Reply(status, headers, answer.body, reason)
+
+
+def _resume_incomplete(stored: int) -> Reply:
+    """308 with `Range: bytes=0-LAST`, or without Range when nothing is stored (section 3)."""
+    stored_range = format_range(stored)
+    headers = (("Range", stored_range),) if stored_range else ()
+    return Reply(308, (*headers, ("Content-Length", "0")), b"", RESUME_INCOMPLETE)
+
+
+def _error(error: ShimError, stored: int) -> Reply:
+    reply = _text(error.status, error.message)
+    if error.code == "gap":
+        stored_range = format_range(stored)
+        extra = (("Range", stored_range),) if stored_range else ()
+        return Reply(reply.status, (*reply.headers, *extra), reply.body)
+    return reply
+
+
+def _text(status: int, message: str) -> Reply:
+    return Reply(status, (("Content-Type", "text/plain; charset=utf-8"),), f"{message}\n".encode())
