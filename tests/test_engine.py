@@ -232,3 +232,29 @@ def test_terminated_and_expired_uploads_are_gone(engine: e.Engine, clock: Clock)
     stale = engine.create(new(10, expiration=60))
     clock.now += 61
     assert engine.sweep() >= 1 and engine.store.load(stale.id) is None
+
+
+def test_a_range_that_overlaps_the_stored_end_skips_what_is_stored(engine: e.Engine) -> None:
+    upload = append(engine, engine.create(new(8)), b"abc")
+    retried = engine.begin_range(upload, 1, 5)  # "bcdef": a longer retry of an earlier chunk
+    assert retried is not None
+    retried.feed(b"b")
+    retried.feed(b"cdef")
+    upload = asyncio.run(engine.finish_append(retried))
+    assert upload.offset == 6
+    chunks = asyncio.run(_collect(engine, upload))
+    assert chunks == b"abcdef"
+    assert engine.begin_range(upload, 2, 3) is None  # nothing new in it
+    assert refusal(engine.begin_range, upload, 7, 1).status == 416  # would leave a gap
+    assert engine.store.size(upload.id) == 6
+
+
+def test_uploads_are_found_by_key_only_by_their_owner(engine: e.Engine) -> None:
+    upload = engine.create(new(5, owner="alice"), key="PUT /x")
+    assert engine.find("PUT /x", "alice") == upload
+    assert engine.find("PUT /x", "bob") is None
+    assert engine.find("PUT /y", "alice") is None
+
+
+async def _collect(engine: e.Engine, upload: Upload) -> bytes:
+    return b"".join([chunk async for chunk in engine.store.read([upload.id], [upload.offset])])
