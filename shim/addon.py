@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
@@ -20,6 +21,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from shim import config as shim_config
 from shim.engine import Engine
 from shim.exchange import Exchange
+from shim.mitm import close_client
 from shim.model import Reply, Request
 from shim.protocols import Protocol
 from shim.protocols.content_range import ContentRangeProtocol
@@ -108,7 +110,7 @@ class Shim:
 
     # --- hooks ----------------------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self.engine is None:
             return
         state: _FlowState | None = None
@@ -118,9 +120,11 @@ class Shim:
                 owner = _owner(request, self.config.owner_header)
                 command = protocol.parse(request, owner)
                 if command is not None:
-                    state = _FlowState(Exchange(self.engine, protocol, request, command))
+                    exchange = Exchange(self.engine, protocol, request, command)
+                    state = _FlowState(exchange)
                     flow.metadata[_STATE] = state
-                    state.exchange.begin()  # type: ignore[union-attr]
+                    await exchange.begin()
+                    exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
                     break
         except Exception:
             log.exception("shim: failed to begin %s %s", flow.request.method, flow.request.path)

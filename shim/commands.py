@@ -49,6 +49,9 @@ class Append:
 class Inspect:
     upload_id: str
     owner: str
+    take_over: bool = False
+    """End a request still writing to the upload first (the IETF draft's HEAD does; tus's
+    HEAD only reports progress, so a monitoring HEAD never breaks an upload)."""
 
 
 @dataclass(frozen=True)

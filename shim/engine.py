@@ -80,6 +80,9 @@ class Append:
         self.failure: ShimError | None = None
         self.skip = 0
         """Bytes at the start of the body that are stored already (a retried range)."""
+        self.interrupt: Callable[[], object] | None = None
+        """Ends the request that carries this body; set by whoever owns the connection."""
+        self.released = asyncio.Event()
 
     def feed(self, data: bytes) -> None:
         if self.skip and data:
@@ -250,9 +253,25 @@ class Engine:
         """The client went away mid-body: keep what arrived unless it must be all or nothing."""
         return self._commit(append, keep=not append.all_or_nothing)
 
+    async def take_over(self, upload_id: str, timeout: float = 10.0) -> None:
+        """End a body still arriving for this upload and wait until its bytes are committed.
+
+        A client that lost its connection often comes back before the shim has noticed; the
+        IETF draft ("Concurrency") recommends that the new request end the earlier one."""
+        active = self._active.get(upload_id)
+        if active is None or active.interrupt is None:
+            return
+        active.interrupt()
+        try:
+            await asyncio.wait_for(active.released.wait(), timeout)
+        except TimeoutError:
+            log.warning("upload %s: the earlier request did not end in %ss", upload_id, timeout)
+
     def _commit(self, append: Append, keep: bool) -> Upload:
         upload_id = append.upload.id
-        self._active.pop(upload_id, None)
+        if self._active.get(upload_id) is append:
+            del self._active[upload_id]
+        append.released.set()
         try:
             append.writer.close()
         except OSError:

@@ -9,6 +9,7 @@ commands mean is fixed in `shim.commands`, how the answer looks is the protocol'
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from shim import commands as c
 from shim import engine as e
@@ -17,6 +18,21 @@ from shim.model import Reply, Request, Upload
 from shim.protocols import Protocol
 
 log = logging.getLogger("shim.exchange")
+
+
+def _superseding(engine: e.Engine, command: c.Command) -> str | None:
+    """The upload whose running request this command ends before it starts: every write and
+    cancel does, an inspection only when its protocol says so."""
+    if isinstance(command, c.Append | c.Cancel):
+        return command.upload_id
+    if isinstance(command, c.WriteRange) and command.key is not None:
+        found = engine.find(command.key, command.owner)
+        return found.id if found is not None else None
+    if isinstance(command, c.WriteRange):
+        return command.upload_id
+    if isinstance(command, c.Inspect) and command.take_over:
+        return command.upload_id
+    return None
 
 
 class Exchange:
@@ -30,9 +46,12 @@ class Exchange:
         self.append: e.Append | None = None
         self.error: ShimError | None = None
 
-    def begin(self) -> None:
+    async def begin(self) -> None:
         """Do what must happen before the body arrives; remember a refusal for `finish`."""
         try:
+            upload_id = _superseding(self.engine, self.command)
+            if upload_id is not None:
+                await self.engine.take_over(upload_id)
             self._begin()
         except ShimError as exc:
             self.error = exc
@@ -88,6 +107,11 @@ class Exchange:
                               f"{command.start}", 416)
         self.upload = upload
         return upload
+
+    def on_interrupt(self, interrupt: Callable[[], object]) -> None:
+        """How to end this request when a newer one on the same upload arrives."""
+        if self.append is not None:
+            self.append.interrupt = interrupt
 
     def feed(self, data: bytes) -> None:
         """One chunk of the body; dropped when the request was refused before its body."""

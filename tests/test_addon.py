@@ -52,7 +52,7 @@ def flow(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> 
 
 async def exchange(shim: Shim, f: http.HTTPFlow, body: bytes = b"", cut_off: bool = False) -> None:
     """Drive the hooks as mitmproxy does: body chunks through the stream callable."""
-    shim.requestheaders(f)
+    await shim.requestheaders(f)
     if not body:
         await shim.request(f)
         return
@@ -93,7 +93,7 @@ def test_requests_no_protocol_claims_pass_through_untouched(tmp_path: Path) -> N
         async with running_shim(tmp_path) as shim:
             f = flow("PUT", "/files", {"Content-Type": "text/plain"}, b"whole")  # not under /files/
             before = f.request.copy()
-            shim.requestheaders(f)
+            await shim.requestheaders(f)
             await shim.request(f)
             assert f.response is None and not f.request.stream
             assert f.request.get_state() == before.get_state()
@@ -139,7 +139,7 @@ def test_a_full_disk_while_streaming_is_507_and_keeps_earlier_bytes(
             location = await create(shim, 100)
             await exchange(shim, patch(location, 0, b"a" * 8), b"a" * 8)
             f = patch(location, 8, b"b" * 8)
-            shim.requestheaders(f)
+            await shim.requestheaders(f)
             exchange_ = f.metadata["shim"].exchange
             monkeypatch.setattr(exchange_.append.writer, "write", _enospc)
             assert callable(f.request.stream)

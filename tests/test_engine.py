@@ -258,3 +258,19 @@ def test_uploads_are_found_by_key_only_by_their_owner(engine: e.Engine) -> None:
 
 async def _collect(engine: e.Engine, upload: Upload) -> bytes:
     return b"".join([chunk async for chunk in engine.store.read([upload.id], [upload.offset])])
+
+
+def test_a_new_writer_ends_the_earlier_one_and_starts_where_it_stopped(engine: e.Engine) -> None:
+    upload = engine.create(new(10))
+    stale = engine.begin_append(upload, 0, 10)
+    stale.feed(b"1234")  # then the client vanishes without the shim noticing
+    stale.interrupt = lambda: asyncio.get_running_loop().call_soon(engine.abort_append, stale)
+
+    async def resume() -> Upload:
+        await engine.take_over(upload.id)
+        fresh = engine.begin_append(engine.get(upload.id, "me"), 4, 6)
+        fresh.feed(b"567890")
+        return await engine.finish_append(fresh)
+
+    assert asyncio.run(resume()).offset == 10
+    assert asyncio.run(_collect(engine, engine.get(upload.id, "me"))) == b"1234567890"
