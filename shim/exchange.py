@@ -22,17 +22,19 @@ log = logging.getLogger("shim.exchange")
 
 def _superseding(engine: e.Engine, command: c.Command) -> str | None:
     """The upload whose running request this command ends before it starts: every write and
-    cancel does, an inspection only when its protocol says so."""
+    cancel does, an inspection only when its protocol says so. Only the owner may end one:
+    `get` refuses anybody else before anything is interrupted."""
+    upload_id: str | None = None
     if isinstance(command, c.Append | c.Cancel):
-        return command.upload_id
-    if isinstance(command, c.WriteRange) and command.key is not None:
+        upload_id = command.upload_id
+    elif isinstance(command, c.WriteRange) and command.key is not None:
         found = engine.find(command.key, command.owner)
-        return found.id if found is not None else None
-    if isinstance(command, c.WriteRange):
-        return command.upload_id
-    if isinstance(command, c.Inspect) and command.take_over:
-        return command.upload_id
-    return None
+        upload_id = found.id if found is not None else None
+    elif isinstance(command, c.WriteRange) or (isinstance(command, c.Inspect) and command.take_over):
+        upload_id = command.upload_id
+    if upload_id is None:
+        return None
+    return engine.get(upload_id, command.owner).id  # type: ignore[union-attr]
 
 
 class Exchange:

@@ -129,6 +129,8 @@ class Store:
     async def read(self, upload_ids: Sequence[str], limits: Sequence[int]) -> AsyncIterator[bytes]:
         """Yield the bytes of several uploads back to back, `limits[i]` bytes of the i-th."""
         for upload_id, limit in zip(upload_ids, limits, strict=True):
+            if limit == 0:
+                continue  # an empty upload may never have had a data file
             with open(self._path(upload_id), "rb") as file:
                 remaining = limit
                 while remaining > 0:

@@ -154,7 +154,7 @@ class Tus:
         if outcome.error is not None:
             return _error_reply(outcome.error, self._location(outcome.upload))
         if outcome.delivery is not None and not outcome.delivery.accepted:
-            return _delivery_failed(outcome)
+            return _delivery_failed(outcome, self._progress_headers(command, outcome))
         headers = list(_delivery_headers(outcome))
         upload = outcome.upload
         if isinstance(command, c.Cancel) or upload is None:
@@ -168,6 +168,18 @@ class Tus:
         if isinstance(command, c.Open) and command.with_body:
             headers.append(("Upload-Offset", str(upload.offset)))
         return _reply(201, headers)
+
+    def _progress_headers(self, command: c.Command, outcome: c.Outcome) -> list[tuple[str, str]]:
+        """What a client still needs to know when the delivery failed: where the upload is,
+        and that all of it is stored."""
+        upload = outcome.upload
+        if upload is None:
+            return []
+        if isinstance(command, c.Inspect):
+            return _status_headers(upload, outcome.offset)
+        if isinstance(command, c.Open | c.Concatenate):
+            return [("Location", self._location(upload) or ""), ("Upload-Offset", str(upload.offset))]
+        return [("Upload-Offset", str(upload.offset))]
 
     def _location(self, upload: Upload | None) -> str | None:
         return self.config.endpoint + upload.id if upload is not None else None
@@ -317,7 +329,7 @@ def _delivery_headers(outcome: c.Outcome) -> HeaderList:
     return tuple(headers)
 
 
-def _delivery_failed(outcome: c.Outcome) -> Reply:
+def _delivery_failed(outcome: c.Outcome, progress: list[tuple[str, str]]) -> Reply:
     """The file is complete but the legacy server refused it or could not be reached.
 
     A 4xx refusal is passed on (retrying will not help); anything else is 502 so that tus
@@ -325,7 +337,7 @@ def _delivery_failed(outcome: c.Outcome) -> Reply:
     delivery = outcome.delivery
     assert delivery is not None
     answer = delivery.answer
-    headers = list(_delivery_headers(outcome))
+    headers = [*_delivery_headers(outcome), *progress]
     if answer is not None and 400 <= answer.status < 500:
         message = f"the legacy server refused the file: {answer.status} {answer.reason}\n"
         return _reply(answer.status, headers, message.encode() + answer.body[:4096])
