@@ -7,7 +7,7 @@ and renders an `Outcome` into a reply; `shim.exchange` carries them out on the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shim.engine import Checksum, Delivery, NewUpload
 from shim.errors import ShimError
@@ -33,6 +33,9 @@ class Open:
     new: NewUpload
     with_body: bool = False
     checksum: Checksum | None = None
+    complete_at_end: bool = False
+    """The body is the rest of the file: its end fixes the length (IETF `Upload-Complete: ?1`
+    with a body of unknown length)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Append:
     checksum: Checksum | None = None
     declared_length: int | None = None
     max_size: int = 0
+    complete_at_end: bool = False
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,13 @@ at HTTP headers and never touches a path on disk.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from shim import errors
 from shim.errors import ShimError
@@ -46,6 +47,7 @@ class NewUpload:
     max_size: int = 0
     expiration: int = 0
     parts: tuple[str, ...] = ()
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Delivery:
     answer: Answer | None
     """The legacy server's answer, accepting or refusing; None when it gave none."""
     problem: str = ""
+    code: str = "unreachable"
+    """Why there is no answer: "unreachable", or "digest-mismatch" (nothing was sent)."""
 
     @property
     def accepted(self) -> bool:
@@ -147,6 +151,7 @@ class Engine:
             id=new.id, protocol=new.protocol, owner=new.owner,
             length=new.length, metadata=dict(new.metadata), target=new.target, parts=new.parts,
             created=now, expires=now + new.expiration if new.expiration else None,
+            digests=dict(new.digests),
         )
         self.store.save(upload)
         return upload
@@ -176,6 +181,18 @@ class Engine:
         self._refuse_if_busy(upload)
         self.store.discard_data(upload.id)
         self.store.save(replace(upload, terminated=True, offset=0))
+
+    def expect_digests(self, upload: Upload, digests: dict[str, str]) -> Upload:
+        """Remember digests of the whole file (RFC 9530 Repr-Digest); they must not change."""
+        for algorithm, digest in digests.items():
+            known = upload.digests.get(algorithm)
+            if known is not None and known != digest:
+                raise errors.bad_request(f"the {algorithm} digest of the upload changed")
+        if digests.items() <= upload.digests.items():
+            return upload
+        upload = replace(upload, digests={**upload.digests, **digests})
+        self.store.save(upload)
+        return upload
 
     def declare_length(self, upload: Upload, length: int, max_size: int) -> Upload:
         """Fix a deferred length (tus creation-defer-length; IETF Upload-Length)."""
@@ -344,6 +361,11 @@ class Engine:
                 return Delivery(current.answer)
             if not current.complete or current.target is None or current.length is None:
                 raise ShimError("incomplete", "the upload is not complete", 409)
+            mismatch = await self._digest_mismatch(current)
+            if mismatch:
+                self.store.discard_data(current.id)
+                self.store.save(replace(current, terminated=True))
+                return Delivery(None, mismatch, "digest-mismatch")
             delivery = await self._send(current)
             if delivery.accepted:
                 self.store.save(replace(current, answer=delivery.answer))
@@ -361,6 +383,21 @@ class Engine:
             return Delivery(None, str(exc))
         log.info("delivered upload %s: legacy server answered %d", upload.id, answer.status)
         return Delivery(answer)
+
+    async def _digest_mismatch(self, upload: Upload) -> str:
+        """Check the expected digests over the stored file; an empty string when they match."""
+        if not upload.digests:
+            return ""
+        hashers = {name: hashlib.new(name) for name in upload.digests}
+        ids, sizes = self._pieces(upload)
+        async for chunk in self.store.read(ids, sizes):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+        for name, hasher in hashers.items():
+            if base64.b64encode(hasher.digest()).decode() != upload.digests[name]:
+                log.warning("upload %s: %s digest mismatch; not delivered", upload.id, name)
+                return f"the {name} digest of the uploaded file does not match the one announced"
+        return ""
 
     def _pieces(self, upload: Upload) -> tuple[list[str], list[int]]:
         if not upload.parts:

@@ -37,6 +37,10 @@ def _superseding(engine: e.Engine, command: c.Command) -> str | None:
     return engine.get(upload_id, command.owner).id  # type: ignore[union-attr]
 
 
+def _completes_at_end(command: c.Command) -> bool:
+    return isinstance(command, c.Open | c.Append) and command.complete_at_end
+
+
 class Exchange:
     def __init__(self, engine: e.Engine, protocol: Protocol, request: Request,
                  command: c.Command) -> None:
@@ -70,6 +74,8 @@ class Exchange:
                     command.new.max_size)
         elif isinstance(command, c.Append):
             upload = self.engine.get(command.upload_id, command.owner)
+            if command.digests:
+                upload = self.engine.expect_digests(upload, command.digests)
             if command.declared_length is not None:
                 upload = self.engine.declare_length(upload, command.declared_length,
                                                     command.max_size)
@@ -151,6 +157,8 @@ class Exchange:
         if self.append is not None:
             append, self.append = self.append, None
             self.upload = await self.engine.finish_append(append)
+            if _completes_at_end(command) and self.upload.length is None:
+                self.upload = self.engine.declare_length(self.upload, self.upload.offset, 0)
         if self.upload is None:
             return c.Outcome()
         return await self._settle(self.engine.store.load(self.upload.id) or self.upload)

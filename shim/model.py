@@ -95,6 +95,8 @@ class Upload:
     unverified_from: int | None = None
     """Set while a checksummed chunk is being written: bytes past it are not yet committed."""
     terminated: bool = False
+    digests: dict[str, str] = field(default_factory=dict)
+    """Expected digests of the whole file (hashlib name -> base64), checked before delivery."""
 
     @property
     def complete(self) -> bool:

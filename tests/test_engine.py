@@ -274,3 +274,18 @@ def test_a_new_writer_ends_the_earlier_one_and_starts_where_it_stopped(engine: e
 
     assert asyncio.run(resume()).offset == 10
     assert asyncio.run(_collect(engine, engine.get(upload.id, "me"))) == b"1234567890"
+
+
+def test_an_announced_digest_is_checked_before_anything_is_delivered(
+        engine: e.Engine, server: WholeFileServer) -> None:
+    import base64
+
+    right = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
+    upload = engine.expect_digests(engine.create(new(3)), {"sha256": right})
+    assert refusal(engine.expect_digests, upload, {"sha256": "AAAA"}).status == 400
+    assert asyncio.run(engine.deliver(append(engine, upload, b"abc"))).accepted
+    wrong = engine.expect_digests(engine.create(new(3)), {"sha256": right})
+    failed = asyncio.run(engine.deliver(append(engine, wrong, b"abd")))
+    assert (failed.answer, failed.code) == (None, "digest-mismatch")
+    assert refusal(engine.get, wrong.id, "me").status == 410  # the upload failed for good
+    assert len([r for r in server.received if r.method == "PUT"]) == 1
