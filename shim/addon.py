@@ -21,10 +21,11 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from shim import config as shim_config
 from shim.engine import Engine
 from shim.exchange import Exchange
-from shim.mitm import close_client
+from shim.mitm import close_client, send_interim
 from shim.model import Reply, Request
 from shim.protocols import Protocol
 from shim.protocols.content_range import ContentRangeProtocol
+from shim.protocols.ietf import Ietf
 from shim.protocols.tus import Tus
 from shim.sink import Sink
 from shim.store import Store
@@ -125,6 +126,10 @@ class Shim:
                     flow.metadata[_STATE] = state
                     await exchange.begin()
                     exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
+                    interim = exchange.interim
+                    if interim is not None:
+                        await send_interim(flow, interim.status, interim.reason or "",
+                                           list(interim.headers))
                     break
         except Exception:
             log.exception("shim: failed to begin %s %s", flow.request.method, flow.request.path)
@@ -184,6 +189,8 @@ def _protocols(config: shim_config.Config) -> list[Protocol]:
     enabled: list[Protocol] = []
     if config.tus.enabled:
         enabled.append(Tus(config.tus))
+    if config.ietf.enabled:
+        enabled.append(Ietf(config.ietf))
     if config.content_range.enabled:
         enabled.append(ContentRangeProtocol(config.content_range))
     return enabled

@@ -36,6 +36,8 @@ class Open:
     complete_at_end: bool = False
     """The body is the rest of the file: its end fixes the length (IETF `Upload-Complete: ?1`
     with a body of unknown length)."""
+    interim: Reply | None = None
+    """A 1xx to send before the body is read (IETF 104 Upload Resumption Supported)."""
 
 
 @dataclass(frozen=True)

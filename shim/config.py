@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+SUPPORTED_INTEROP_VERSIONS = frozenset({3, 5, 6, 7, 8})
+
 
 class ConfigError(ValueError):
     """A configuration that the shim refuses to start with."""
@@ -53,6 +55,19 @@ class ContentRangeConfig:
 
 
 @dataclass(frozen=True)
+class IetfConfig:
+    enabled: bool = True
+    prefix: str = "/.well-known/resumable-uploads/"
+    """Where the shim's upload resources live: {prefix}<id>."""
+    paths: tuple[str, ...] = ()
+    """Path prefixes where a POST/PUT with Upload-Complete is upgraded; empty: all."""
+    versions: tuple[int, ...] = (3, 5, 6, 7, 8)
+    """Upload-Draft-Interop-Version values spoken."""
+    max_size: int = 0
+    expiration: int = 86400
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     dir: str = "./shim-data"
     fsync: bool = True
@@ -72,6 +87,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tus: TusConfig = field(default_factory=TusConfig)
     content_range: ContentRangeConfig = field(default_factory=ContentRangeConfig)
+    ietf: IetfConfig = field(default_factory=IetfConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     owner_header: str = "authorization"
     """Requests on an upload must carry the same value of this header as the one that made it."""
@@ -118,8 +134,10 @@ def _convert(hint: Any, value: object, key: str) -> object:
             raise ConfigError(f"{key}: must be one of {allowed}, not {value!r}")
         return value
     if typing.get_origin(hint) is tuple:
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{key}: must be a list of strings")
+        item_type = typing.get_args(hint)[0]
+        if not isinstance(value, list) or not all(
+                isinstance(item, item_type) and not isinstance(item, bool) for item in value):
+            raise ConfigError(f"{key}: must be a list of {item_type.__name__}s")
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -138,12 +156,23 @@ def _check(config: Config) -> None:
     if not endpoint.startswith("/") or not endpoint.endswith("/"):
         raise ConfigError(f"tus.endpoint: must start and end with '/', not {endpoint!r}")
     _check_template("tus.forward.path", config.tus.forward.path)
-    for prefix in config.content_range.paths:
-        if not prefix.startswith("/"):
-            raise ConfigError(f"content_range.paths: {prefix!r} must start with '/'")
+    for key, prefixes in (("content_range.paths", config.content_range.paths),
+                          ("ietf.paths", config.ietf.paths)):
+        for prefix in prefixes:
+            if not prefix.startswith("/"):
+                raise ConfigError(f"{key}: {prefix!r} must start with '/'")
+    ietf = config.ietf
+    if not ietf.prefix.startswith("/") or not ietf.prefix.endswith("/"):
+        raise ConfigError(f"ietf.prefix: must start and end with '/', not {ietf.prefix!r}")
+    unknown = set(ietf.versions) - SUPPORTED_INTEROP_VERSIONS
+    if unknown:
+        raise ConfigError(f"ietf.versions: {sorted(unknown)} not supported "
+                          f"(supported: {sorted(SUPPORTED_INTEROP_VERSIONS)})")
     for key, number in (
         ("content_range.max_size", config.content_range.max_size),
         ("content_range.expiration", config.content_range.expiration),
+        ("ietf.max_size", config.ietf.max_size),
+        ("ietf.expiration", config.ietf.expiration),
         ("tus.max_size", config.tus.max_size),
         ("tus.expiration", config.tus.expiration),
         ("storage.min_free_bytes", config.storage.min_free_bytes),

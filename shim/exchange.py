@@ -116,6 +116,13 @@ class Exchange:
         self.upload = upload
         return upload
 
+    @property
+    def interim(self) -> Reply | None:
+        """The 1xx to send before the body, unless the request was refused already."""
+        if self.error is None and isinstance(self.command, c.Open):
+            return self.command.interim
+        return None
+
     def on_interrupt(self, interrupt: Callable[[], object]) -> None:
         """How to end this request when a newer one on the same upload arrives."""
         if self.append is not None:
