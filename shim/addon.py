@@ -26,7 +26,9 @@ from shim.model import Reply, Request
 from shim.protocols import Protocol
 from shim.protocols.content_range import ContentRangeProtocol
 from shim.protocols.ietf import Ietf
+from shim.protocols.seed001 import Seed001
 from shim.protocols.tus import Tus
+from shim.protocols.tus_target import TusTarget
 from shim.sink import Sink
 from shim.store import Store
 from shim.upstream import Origin, Upstream
@@ -125,6 +127,9 @@ class Shim:
                     state = _FlowState(exchange)
                     flow.metadata[_STATE] = state
                     await exchange.begin()
+                    if exchange.declined:
+                        del flow.metadata[_STATE]
+                        return
                     exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
                     interim = exchange.interim
                     if interim is not None:
@@ -191,6 +196,10 @@ def _protocols(config: shim_config.Config) -> list[Protocol]:
         enabled.append(Tus(config.tus))
     if config.ietf.enabled:
         enabled.append(Ietf(config.ietf))
+    if config.tus_target.enabled:
+        enabled.append(TusTarget(config.tus_target, config.tus.endpoint))
+    if config.seed001.query_range or config.seed001.expect_range:
+        enabled.append(Seed001(config.seed001))
     if config.content_range.enabled:
         enabled.append(ContentRangeProtocol(config.content_range))
     return enabled

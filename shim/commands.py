@@ -42,7 +42,10 @@ class Open:
 
 @dataclass(frozen=True)
 class Append:
-    upload_id: str
+    """Bytes at exactly `offset` (tus, IETF). The upload is named by `upload_id`, or found
+    by `key` (a protocol that names uploads by URL)."""
+
+    upload_id: str | None
     owner: str
     offset: int
     checksum: Checksum | None = None
@@ -50,21 +53,26 @@ class Append:
     max_size: int = 0
     complete_at_end: bool = False
     digests: dict[str, str] = field(default_factory=dict)
+    key: str | None = None
 
 
 @dataclass(frozen=True)
 class Inspect:
-    upload_id: str
+    upload_id: str | None
     owner: str
     take_over: bool = False
     """End a request still writing to the upload first (the IETF draft's HEAD does; tus's
     HEAD only reports progress, so a monitoring HEAD never breaks an upload)."""
+    key: str | None = None
+    pass_if_missing: bool = False
+    """No upload under `key`: the request is not the shim's, it goes to the legacy server."""
 
 
 @dataclass(frozen=True)
 class Cancel:
-    upload_id: str
+    upload_id: str | None
     owner: str
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,9 @@ class WriteRange:
     start: int | None = None
     total: int | None = None
     max_size: int = 0
+    restart: bool = False
+    """A whole file from 0 (WebDAV, tus on the target URL): a new upload replaces one in
+    progress under the same key instead of continuing it."""
 
 
 @dataclass(frozen=True)

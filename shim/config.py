@@ -68,6 +68,28 @@ class IetfConfig:
 
 
 @dataclass(frozen=True)
+class TusTargetConfig:
+    """tus core on the target URL itself (seed 003): PUT/HEAD/PATCH <url> with Tus-Resumable."""
+
+    enabled: bool = True
+    paths: tuple[str, ...] = ()
+    max_size: int = 0
+    expiration: int = 86400
+
+
+@dataclass(frozen=True)
+class Seed001Config:
+    """Seed 001's variants, each off by default: PUT <url>?range=S-E/T, and PUT with
+    Expect: Range + Range: bytes S-E/T."""
+
+    query_range: bool = False
+    expect_range: bool = False
+    paths: tuple[str, ...] = ()
+    max_size: int = 0
+    expiration: int = 86400
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     dir: str = "./shim-data"
     fsync: bool = True
@@ -88,6 +110,8 @@ class Config:
     tus: TusConfig = field(default_factory=TusConfig)
     content_range: ContentRangeConfig = field(default_factory=ContentRangeConfig)
     ietf: IetfConfig = field(default_factory=IetfConfig)
+    tus_target: TusTargetConfig = field(default_factory=TusTargetConfig)
+    seed001: Seed001Config = field(default_factory=Seed001Config)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     owner_header: str = "authorization"
     """Requests on an upload must carry the same value of this header as the one that made it."""
@@ -157,7 +181,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"tus.endpoint: must start and end with '/', not {endpoint!r}")
     _check_template("tus.forward.path", config.tus.forward.path)
     for key, prefixes in (("content_range.paths", config.content_range.paths),
-                          ("ietf.paths", config.ietf.paths)):
+                          ("ietf.paths", config.ietf.paths),
+                          ("tus_target.paths", config.tus_target.paths),
+                          ("seed001.paths", config.seed001.paths)):
         for prefix in prefixes:
             if not prefix.startswith("/"):
                 raise ConfigError(f"{key}: {prefix!r} must start with '/'")
@@ -172,6 +198,8 @@ def _check(config: Config) -> None:
         ("content_range.max_size", config.content_range.max_size),
         ("content_range.expiration", config.content_range.expiration),
         ("ietf.max_size", config.ietf.max_size),
+        ("tus_target.max_size", config.tus_target.max_size),
+        ("seed001.max_size", config.seed001.max_size),
         ("ietf.expiration", config.ietf.expiration),
         ("tus.max_size", config.tus.max_size),
         ("tus.expiration", config.tus.expiration),

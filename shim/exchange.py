@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from shim import commands as c
 from shim import engine as e
+from shim import errors
 from shim.errors import ShimError
 from shim.model import Reply, Request, Upload
 from shim.protocols import Protocol
@@ -20,21 +21,33 @@ from shim.protocols import Protocol
 log = logging.getLogger("shim.exchange")
 
 
+UploadCommand = c.Append | c.Inspect | c.Cancel | c.WriteRange
+
+
+def _lookup(engine: e.Engine, command: UploadCommand) -> Upload | None:
+    """The upload a command names: by id (404/410/403 when it cannot have it) or by key
+    (None when there is none)."""
+    if command.upload_id:
+        return engine.get(command.upload_id, command.owner)
+    return engine.find(command.key, command.owner) if command.key else None
+
+
 def _superseding(engine: e.Engine, command: c.Command) -> str | None:
     """The upload whose running request this command ends before it starts: every write and
     cancel does, an inspection only when its protocol says so. Only the owner may end one:
-    `get` refuses anybody else before anything is interrupted."""
-    upload_id: str | None = None
-    if isinstance(command, c.Append | c.Cancel):
-        upload_id = command.upload_id
-    elif isinstance(command, c.WriteRange) and command.key is not None:
-        found = engine.find(command.key, command.owner)
-        upload_id = found.id if found is not None else None
-    elif isinstance(command, c.WriteRange) or (isinstance(command, c.Inspect) and command.take_over):
-        upload_id = command.upload_id
-    if upload_id is None:
-        return None
-    return engine.get(upload_id, command.owner).id  # type: ignore[union-attr]
+    the lookup refuses anybody else before anything is interrupted."""
+    if isinstance(command, c.Append | c.Cancel | c.WriteRange) or (
+            isinstance(command, c.Inspect) and command.take_over):
+        upload = _lookup(engine, command)
+        return upload.id if upload is not None else None
+    return None
+
+
+def _required(engine: e.Engine, command: UploadCommand) -> Upload:
+    upload = _lookup(engine, command)
+    if upload is None:
+        raise errors.not_found()
+    return upload
 
 
 def _completes_at_end(command: c.Command) -> bool:
@@ -51,6 +64,8 @@ class Exchange:
         self.upload: Upload | None = None
         self.append: e.Append | None = None
         self.error: ShimError | None = None
+        self.declined = False
+        """The request turned out not to be the shim's: it passes through untouched."""
 
     async def begin(self) -> None:
         """Do what must happen before the body arrives; remember a refusal for `finish`."""
@@ -72,8 +87,10 @@ class Exchange:
                 self.append = self.engine.begin_append(
                     self.upload, 0, self.request.body_length, command.checksum,
                     command.new.max_size)
+        elif isinstance(command, c.Inspect) and command.pass_if_missing:
+            self.declined = _lookup(self.engine, command) is None
         elif isinstance(command, c.Append):
-            upload = self.engine.get(command.upload_id, command.owner)
+            upload = _required(self.engine, command)
             if command.digests:
                 upload = self.engine.expect_digests(upload, command.digests)
             if command.declared_length is not None:
@@ -101,12 +118,10 @@ class Exchange:
 
     def _range_upload(self, command: c.WriteRange) -> Upload | None:
         """The upload a range belongs to; a new one only for a range that starts at 0."""
-        upload: Upload | None
-        if command.upload_id is not None:
-            upload = self.engine.get(command.upload_id, command.owner)
-        else:
-            assert command.key is not None
-            upload = self.engine.find(command.key, command.owner)
+        upload = _lookup(self.engine, command)
+        if upload is not None and command.restart and command.start == 0 and not upload.delivered:
+            self.engine.terminate(upload)  # a whole new file replaces the one in progress
+            upload = None
         fresh = upload is None or (upload.delivered and command.start == 0)
         if fresh and command.start == 0 and command.new is not None:
             upload = self.engine.create(command.new, command.key)
@@ -154,10 +169,9 @@ class Exchange:
         if isinstance(command, c.Immediate):
             return c.Outcome()
         if isinstance(command, c.Inspect):
-            return await self._settle(self.engine.refresh(
-                self.engine.get(command.upload_id, command.owner)))
+            return await self._settle(self.engine.refresh(_required(self.engine, command)))
         if isinstance(command, c.Cancel):
-            self.engine.terminate(self.engine.get(command.upload_id, command.owner))
+            self.engine.terminate(_required(self.engine, command))
             return c.Outcome()
         if isinstance(command, c.Concatenate):
             return await self._settle(self.engine.concatenate(command.new))

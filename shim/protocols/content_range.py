@@ -16,7 +16,8 @@ from shim import errors
 from shim.config import ContentRangeConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
-from shim.model import Answer, HeaderList, Reply, Request, Target
+from shim.model import Answer, Reply, Request, Target
+from shim.protocols import replies
 from shim.wire import ContentRange, format_range, forwardable, parse_content_range, parse_length
 
 RESUME_INCOMPLETE = "Resume Incomplete"
@@ -151,13 +152,9 @@ def _with_query(path: str, params: list[tuple[str, str]]) -> str:
 def _legacy_answer(answer: Answer, session: bool) -> Reply:
     """The legacy server's own answer. GCS clients accept only 200 as a session's final
     status, so in a session a 2xx is given as 200, headers and body kept."""
-    status, reason = answer.status, answer.reason
     if session and answer.accepted:
-        status, reason = 200, "OK"
-    headers: HeaderList = tuple(
-        (k, v) for k, v in answer.headers
-        if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"))
-    return Reply(status, headers, answer.body, reason)
+        return replies.legacy(answer, status=200, reason="OK")
+    return replies.legacy(answer)
 
 
 def _resume_incomplete(stored: int) -> Reply:
@@ -177,4 +174,4 @@ def _error(error: ShimError, stored: int) -> Reply:
 
 
 def _text(status: int, message: str) -> Reply:
-    return Reply(status, (("Content-Type", "text/plain; charset=utf-8"),), f"{message}\n".encode())
+    return replies.text(status, message)

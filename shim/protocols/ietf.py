@@ -23,7 +23,8 @@ from shim import errors
 from shim.config import IetfConfig
 from shim.engine import Checksum, NewUpload, new_upload_id
 from shim.errors import ShimError
-from shim.model import Answer, HeaderList, Reply, Request, Target, Upload
+from shim.model import Answer, Reply, Request, Target, Upload
+from shim.protocols import replies
 from shim.wire import forwardable
 
 PARTIAL_UPLOAD = "application/partial-upload"
@@ -345,11 +346,8 @@ def _sf_bool(flag: bool) -> str:
 def _final(answer: Answer, interop: Interop, fields: list[tuple[str, str]]) -> Reply:
     """The target resource's own response, with what clients need to see it is complete:
     Upload-Offset (tus-js-client), Upload-Complete: ?1 (-06 on)."""
-    headers: HeaderList = tuple(
-        (k, v) for k, v in answer.headers
-        if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"))
     extra = [interop.completeness(True)] if interop.final_complete else []
-    return Reply(answer.status, (*headers, *fields, *extra), answer.body, answer.reason)
+    return replies.legacy(answer, (*fields, *extra))
 
 
 _PROBLEMS = {

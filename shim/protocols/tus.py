@@ -48,7 +48,7 @@ class Tus:
         try:
             if method == "OPTIONS":
                 return c.Immediate(self._options())
-            _check_version(request)
+            check_version(request)
             return self._command(method, upload_id, request, owner)
         except ShimError as exc:
             return c.Refuse(exc)
@@ -89,7 +89,7 @@ class Tus:
         new = self._new(request, owner, length, metadata, partial=concat == "partial")
         with_body = request.has_body
         if with_body:
-            _check_chunk_type(request)
+            check_chunk_type(request)
         return c.Open(new, with_body=with_body, checksum=parse_checksum(request))
 
     def _new(self, request: Request, owner: str, length: int | None, metadata: dict[str, str],
@@ -134,7 +134,7 @@ class Tus:
 
     def _append(self, upload_id: str, request: Request, owner: str) -> c.Command:
         """Core "PATCH"; a deferred length may be given here (creation-defer-length)."""
-        _check_chunk_type(request)
+        check_chunk_type(request)
         offset_text = request.header("upload-offset")
         if offset_text is None:
             raise errors.bad_request("Upload-Offset is missing")
@@ -219,7 +219,7 @@ def _method(request: Request) -> str:
     return override.strip().upper() if override and request.method == "POST" else request.method
 
 
-def _check_version(request: Request) -> None:
+def check_version(request: Request) -> None:
     """Core "Tus-Resumable": every request but OPTIONS names the version; else 412."""
     version = request.header("tus-resumable")
     if version != VERSION:
@@ -227,7 +227,7 @@ def _check_version(request: Request) -> None:
                         {"Tus-Version": VERSION})
 
 
-def _check_chunk_type(request: Request) -> None:
+def check_chunk_type(request: Request) -> None:
     content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
     if content_type != CHUNK_TYPE:
         raise ShimError("content-type", f"Content-Type must be {CHUNK_TYPE}", 415)

@@ -1,0 +1,84 @@
+"""Two small variants from seed 001, each off by default (PROTOCOLS.md section 6):
+
+- URI query parameter: `PUT <url>?range=S-E/TOTAL` writes that range; the parameter is
+  removed before the file is forwarded. `range=S-E/*` while the total is unknown,
+  `range=*/TOTAL` with an empty body asks what is stored.
+- `Expect: Range` with `Range: bytes S-E/TOTAL` on a PUT: a server that does not know the
+  expectation refuses it (417), so a client can never overwrite a file with a part of it.
+
+An incomplete upload is answered `202 Accepted` with `Range: bytes=0-LAST` (what is stored);
+the request that completes it gets the legacy server's own answer.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode
+
+from shim import commands as c
+from shim.config import Seed001Config
+from shim.engine import NewUpload, new_upload_id
+from shim.errors import ShimError
+from shim.model import Reply, Request, Target
+from shim.protocols import replies
+from shim.wire import ContentRange, format_range, forwardable, parse_content_range
+
+RANGE_PARAM = "range"
+
+
+class Seed001:
+    name = "seed001"
+
+    def __init__(self, config: Seed001Config) -> None:
+        self.config = config
+
+    def parse(self, request: Request, owner: str) -> c.Command | None:
+        if request.method != "PUT" or not self._eligible(request.path):
+            return None
+        params = parse_qsl(request.query, keep_blank_values=True)
+        in_query = dict(params).get(RANGE_PARAM)
+        try:
+            if self.config.query_range and in_query is not None:
+                kept = [(k, v) for k, v in params if k != RANGE_PARAM]
+                url = f"{request.path}?{urlencode(kept)}" if kept else request.path
+                return self._write(request, owner, parse_content_range(f"bytes {in_query}"), url)
+            if self.config.expect_range and _expects_range(request):
+                chunk = parse_content_range(request.header("range") or "")
+                return self._write(request, owner, chunk, request.target)
+        except ShimError as exc:
+            return c.Refuse(exc)
+        return None
+
+    def _eligible(self, path: str) -> bool:
+        return not self.config.paths or any(path.startswith(p) for p in self.config.paths)
+
+    def _write(self, request: Request, owner: str, chunk: ContentRange, url: str) -> c.Command:
+        if chunk.start is not None and request.body_length not in (None, chunk.size):
+            raise ShimError("bad-request", f"the range announces {chunk.size} bytes, the body "
+                            f"has {request.body_length}", 400)
+        headers = forwardable(request.fields, (), frozenset({"range", "content-type"}))
+        target = Target("PUT", url, headers, content_type=request.header("content-type"))
+        new = NewUpload(id=new_upload_id(), protocol=self.name, owner=owner, length=chunk.total,
+                        metadata={}, target=target, max_size=self.config.max_size,
+                        expiration=self.config.expiration)
+        return c.WriteRange(owner, new, key=f"{self.name}:{owner}:{url}", start=chunk.start,
+                            total=chunk.total, max_size=self.config.max_size)
+
+    def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
+        stored = outcome.upload.offset if outcome.upload is not None else 0
+        stored_range = format_range(outcome.offset if outcome.error is None else stored)
+        range_field = (("Range", stored_range),) if stored_range else ()
+        if outcome.error is not None:
+            return replies.text(outcome.error.status, outcome.error.message, range_field)
+        delivery = outcome.delivery
+        if delivery is not None and delivery.answer is None:
+            return replies.text(502, f"complete, not delivered: {delivery.problem}")
+        answer = delivery.answer if delivery is not None else (
+            outcome.upload.answer if outcome.upload is not None else None)
+        if answer is not None:
+            return replies.legacy(answer)
+        return Reply(202, range_field)
+
+
+def _expects_range(request: Request) -> bool:
+    expectations = [e.strip().lower() for e in (request.header("expect") or "").split(",")]
+    return "range" in expectations and request.header("range") is not None
