@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from shim import config
 
@@ -18,6 +20,16 @@ def test_no_file_means_the_embedded_defaults() -> None:
 def test_the_example_config_is_valid_and_spells_out_every_default() -> None:
     example = Path(__file__).parent.parent / "config.example.yaml"
     assert config.load(example) == config.Config()
+    assert _keys(yaml.safe_load(example.read_text())) == _keys(dataclasses.asdict(config.Config()))
+
+
+def _keys(tree: dict[str, object], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def test_values_are_read_from_yaml(tmp_path: Path) -> None:
