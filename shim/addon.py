@@ -24,6 +24,7 @@ from shim.exchange import Exchange
 from shim.mitm import close_client, send_interim
 from shim.model import Reply, Request
 from shim.protocols import Protocol
+from shim.protocols.byteranges import Byteranges
 from shim.protocols.content_range import ContentRangeProtocol
 from shim.protocols.ietf import Ietf
 from shim.protocols.seed001 import Seed001
@@ -202,6 +203,8 @@ def _protocols(config: shim_config.Config) -> list[Protocol]:
         enabled.append(Seed001(config.seed001))
     if config.content_range.enabled:
         enabled.append(ContentRangeProtocol(config.content_range))
+    if config.byteranges.enabled:
+        enabled.append(Byteranges(config.byteranges))
     return enabled
 
 
@@ -247,10 +250,14 @@ def _owner(request: Request, header: str) -> str:
 def _to_response(reply: Reply, method: str) -> http.Response:
     # A reply to HEAD has no content (RFC 9110 section 9.3.2); a body there would be read as
     # the next response on a kept-alive connection.
-    body = b"" if method.upper() == "HEAD" else reply.body
+    head = method.upper() == "HEAD"
     response = http.Response.make(
-        reply.status, body, [(k.encode(), v.encode()) for k, v in reply.headers]
+        reply.status, b"" if head else reply.body,
+        [(k.encode(), v.encode()) for k, v in reply.headers],
     )
+    declared = dict((k.lower(), v) for k, v in reply.headers).get("content-length")
+    if head and declared is not None:
+        response.headers["content-length"] = declared  # the length a GET would have
     if reply.reason:
         response.reason = reply.reason
     if reply.status == 204 or reply.status < 200:

@@ -8,10 +8,12 @@ and renders an `Outcome` into a reply; `shim.exchange` carries them out on the e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from shim.engine import Checksum, Delivery, NewUpload
 from shim.errors import ShimError
 from shim.model import Reply, Upload
+from shim.wire import ContentRange
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,39 @@ class Concatenate:
     new: NewUpload
 
 
-Command = Immediate | Refuse | Open | Append | Inspect | Cancel | Concatenate | WriteRange
+@dataclass(frozen=True)
+class RangeStart:
+    """A body decoder found the head of a range: the bytes that follow belong to it."""
+
+    range: ContentRange
+
+
+class BodyDecoder(Protocol):
+    """Turns a body made of ranges (message/byteranges, multipart/byteranges) into range
+    starts and data, chunk by chunk, holding only a part's header block in memory."""
+
+    def feed(self, data: bytes) -> list[RangeStart | bytes]: ...
+
+    def end(self) -> None:
+        """The body ended: raise ShimError if it ended inside a part."""
+
+
+@dataclass(frozen=True)
+class WriteSegments:
+    """Write the ranges a body carries to the upload found by `key` (made from `new` when a
+    first range starts at 0). `if_none_match`: refuse while an upload is in progress."""
+
+    owner: str
+    new: NewUpload
+    key: str
+    decoder: BodyDecoder = field(compare=False)
+    if_none_match: bool = False
+    max_size: int = 0
+    upload_id: str | None = None
+
+
+Command = (Immediate | Refuse | Open | Append | Inspect | Cancel | Concatenate | WriteRange
+           | WriteSegments)
 
 
 @dataclass(frozen=True)

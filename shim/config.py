@@ -90,6 +90,16 @@ class Seed001Config:
 
 
 @dataclass(frozen=True)
+class ByterangesConfig:
+    """PATCH <url> with message/byteranges or multipart/byteranges (seed 004)."""
+
+    enabled: bool = True
+    paths: tuple[str, ...] = ()
+    max_size: int = 0
+    expiration: int = 86400
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     dir: str = "./shim-data"
     fsync: bool = True
@@ -112,6 +122,7 @@ class Config:
     ietf: IetfConfig = field(default_factory=IetfConfig)
     tus_target: TusTargetConfig = field(default_factory=TusTargetConfig)
     seed001: Seed001Config = field(default_factory=Seed001Config)
+    byteranges: ByterangesConfig = field(default_factory=ByterangesConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     owner_header: str = "authorization"
     """Requests on an upload must carry the same value of this header as the one that made it."""
@@ -183,7 +194,8 @@ def _check(config: Config) -> None:
     for key, prefixes in (("content_range.paths", config.content_range.paths),
                           ("ietf.paths", config.ietf.paths),
                           ("tus_target.paths", config.tus_target.paths),
-                          ("seed001.paths", config.seed001.paths)):
+                          ("seed001.paths", config.seed001.paths),
+                          ("byteranges.paths", config.byteranges.paths)):
         for prefix in prefixes:
             if not prefix.startswith("/"):
                 raise ConfigError(f"{key}: {prefix!r} must start with '/'")
@@ -200,6 +212,7 @@ def _check(config: Config) -> None:
         ("ietf.max_size", config.ietf.max_size),
         ("tus_target.max_size", config.tus_target.max_size),
         ("seed001.max_size", config.seed001.max_size),
+        ("byteranges.max_size", config.byteranges.max_size),
         ("ietf.expiration", config.ietf.expiration),
         ("tus.max_size", config.tus.max_size),
         ("tus.expiration", config.tus.expiration),

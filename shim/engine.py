@@ -71,6 +71,9 @@ class Delivery:
         return self.answer is not None and self.answer.accepted
 
 
+_REFUSALS = frozenset({"too-large", "bad-request", "gap", "range"})
+
+
 class Append:
     """One request body being written to an upload. `feed` runs on the event loop."""
 
@@ -106,12 +109,22 @@ class Append:
         if self.hasher is not None:
             self.hasher.update(data)
 
+    def seek(self, start: int) -> None:
+        """The next bytes belong at `start` (a body with several ranges): at or before the
+        end written so far; what is stored already is skipped."""
+        position = self.writer.start + self.writer.written
+        if start > position:
+            self.failure = ShimError("gap", f"a range starts at {start}, after the {position} "
+                                     "bytes stored", 416)
+        else:
+            self.skip = position - start
+
     @property
     def all_or_nothing(self) -> bool:
-        """A checksummed or overflowing chunk is kept whole or not at all."""
+        """A checksummed chunk, or a body refused for what it says, is kept whole or not at
+        all; only a body cut off or failed by the disk keeps what arrived."""
         return self.checksum is not None or (
-            self.failure is not None and self.failure.code == "too-large"
-        )
+            self.failure is not None and self.failure.code in _REFUSALS)
 
 
 class Engine:

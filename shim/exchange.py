@@ -17,11 +17,12 @@ from shim import errors
 from shim.errors import ShimError
 from shim.model import Reply, Request, Upload
 from shim.protocols import Protocol
+from shim.wire import ContentRange
 
 log = logging.getLogger("shim.exchange")
 
 
-UploadCommand = c.Append | c.Inspect | c.Cancel | c.WriteRange
+UploadCommand = c.Append | c.Inspect | c.Cancel | c.WriteRange | c.WriteSegments
 
 
 def _lookup(engine: e.Engine, command: UploadCommand) -> Upload | None:
@@ -36,7 +37,7 @@ def _superseding(engine: e.Engine, command: c.Command) -> str | None:
     """The upload whose running request this command ends before it starts: every write and
     cancel does, an inspection only when its protocol says so. Only the owner may end one:
     the lookup refuses anybody else before anything is interrupted."""
-    if isinstance(command, c.Append | c.Cancel | c.WriteRange) or (
+    if isinstance(command, c.Append | c.Cancel | c.WriteRange | c.WriteSegments) or (
             isinstance(command, c.Inspect) and command.take_over):
         upload = _lookup(engine, command)
         return upload.id if upload is not None else None
@@ -104,6 +105,35 @@ class Exchange:
                 command.max_size)
         elif isinstance(command, c.WriteRange):
             self._begin_range(command)
+        elif isinstance(command, c.WriteSegments):
+            self._begin_segments(command)
+
+    def _begin_segments(self, command: c.WriteSegments) -> None:
+        found = _lookup(self.engine, command)
+        if found is not None and command.if_none_match and not found.delivered:
+            raise ShimError("precondition", "If-None-Match: * but an upload of this "
+                            "resource is in progress", 412)
+        self.upload = found if found is not None and not found.delivered else None
+
+    def _start_segment(self, command: c.WriteSegments, chunk: ContentRange) -> None:
+        """A range begins in the body: find or make its upload, fix the length, go there."""
+        upload = self.upload
+        if upload is None:
+            if chunk.start != 0:
+                raise ShimError("gap", f"nothing is stored; a first range must start at 0, "
+                                f"not at {chunk.start}", 416)
+            upload = self.upload = self.engine.create(command.new, command.key)
+        if chunk.total is not None and (upload.length is None or self.append is None):
+            upload = self.upload = self.engine.declare_length(upload, chunk.total,
+                                                              command.max_size)
+        elif chunk.total is not None and upload.length != chunk.total:
+            raise errors.bad_request(f"the ranges disagree on the total: {chunk.total}")
+        if self.append is None:
+            assert chunk.start is not None
+            self.append = self.engine.begin_range(upload, chunk.start, None, command.max_size)
+        else:
+            assert chunk.start is not None
+            self.append.seek(chunk.start)
 
     def _begin_range(self, command: c.WriteRange) -> None:
         upload = self._range_upload(command)
@@ -145,8 +175,29 @@ class Exchange:
 
     def feed(self, data: bytes) -> None:
         """One chunk of the body; dropped when the request was refused before its body."""
-        if self.append is not None:
+        command = self.command
+        if isinstance(command, c.WriteSegments):
+            if self.error is None:
+                self._feed_segments(command, data)
+        elif self.append is not None:
             self.append.feed(data)
+
+    def _feed_segments(self, command: c.WriteSegments, data: bytes) -> None:
+        try:
+            for event in command.decoder.feed(data) if data else ():
+                if isinstance(event, c.RangeStart):
+                    self._start_segment(command, event.range)
+                elif self.append is not None:
+                    self.append.feed(event)
+        except ShimError as exc:
+            self._refuse_body(exc)
+
+    def _refuse_body(self, error: ShimError) -> None:
+        """What the body says is wrong: nothing of this request is kept."""
+        if self.append is not None and self.append.failure is None:
+            self.append.failure = error
+        elif self.append is None:
+            self.error = error
 
     def abort(self) -> None:
         if self.append is not None:
@@ -175,6 +226,14 @@ class Exchange:
             return c.Outcome()
         if isinstance(command, c.Concatenate):
             return await self._settle(self.engine.concatenate(command.new))
+        if isinstance(command, c.WriteSegments):
+            try:
+                command.decoder.end()
+            except ShimError as exc:
+                self._refuse_body(exc)
+            if self.error is not None:
+                self.abort()
+                return c.Outcome(upload=self.upload, error=self.error)
         if self.append is not None:
             append, self.append = self.append, None
             self.upload = await self.engine.finish_append(append)
