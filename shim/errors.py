@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class ShimError(Exception):
-    """A refused request: `code` is stable for programs, `message` is for people."""
+    """A refused request: `code` is stable for programs, `message` is for people.
+
+    Not frozen: Python sets `__traceback__` on exceptions as they propagate."""
 
     code: str
     message: str
