@@ -13,12 +13,14 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from shim import config as shim_config
+from shim.commands import Command, Forward, NeedBody
 from shim.engine import Engine
 from shim.exchange import Exchange
 from shim.mitm import close_client, send_interim
@@ -30,6 +32,7 @@ from shim.protocols.ietf import Ietf
 from shim.protocols.seed001 import Seed001
 from shim.protocols.tus import Tus
 from shim.protocols.tus_target import TusTarget
+from shim.protocols.webdav import Webdav
 from shim.sink import Sink
 from shim.store import Store
 from shim.upstream import Origin, Upstream
@@ -38,6 +41,8 @@ log = logging.getLogger("shim")
 
 SWEEP_INTERVAL = 600.0
 _STATE = "shim"
+_FORWARD = "shim-forward"
+_NEEDS_BODY = "shim-needs-body"
 
 
 class _FlowState:
@@ -117,32 +122,42 @@ class Shim:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self.engine is None:
             return
-        state: _FlowState | None = None
         try:
-            request = _to_model(flow.request)
-            for protocol in self.protocols:
-                owner = _owner(request, self.config.owner_header)
-                command = protocol.parse(request, owner)
-                if command is not None:
-                    exchange = Exchange(self.engine, protocol, request, command)
-                    state = _FlowState(exchange)
-                    flow.metadata[_STATE] = state
-                    await exchange.begin()
-                    if exchange.declined:
-                        del flow.metadata[_STATE]
-                        return
-                    exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
-                    interim = exchange.interim
-                    if interim is not None:
-                        await send_interim(flow, interim.status, interim.reason or "",
-                                           list(interim.headers))
-                    break
+            state = await self._claim(flow, _to_model(flow.request))
         except Exception:
             log.exception("shim: failed to begin %s %s", flow.request.method, flow.request.path)
             state = _FlowState(None, _internal_error())
-            flow.metadata[_STATE] = state
         if state is not None:
+            flow.metadata[_STATE] = state
             self._route_to_sink(flow, state)
+
+    async def _claim(self, flow: http.HTTPFlow, request: Request) -> _FlowState | None:
+        """Ask each protocol whether the request is theirs; begin the exchange if so."""
+        assert self.engine is not None
+        owner = _owner(request, self.config.owner_header)
+        for protocol in self.protocols:
+            command = protocol.parse(request, owner)
+            if command is None:
+                continue
+            exchange = Exchange(self.engine, protocol, request, command)
+            await exchange.begin()
+            if exchange.declined:
+                self._note_declined(flow, protocol, command)
+                return None
+            exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
+            interim = exchange.interim
+            if interim is not None:
+                await send_interim(flow, interim.status, interim.reason or "", list(interim.headers))
+            return _FlowState(exchange)
+        return None
+
+    @staticmethod
+    def _note_declined(flow: http.HTTPFlow, protocol: Protocol, command: Command) -> None:
+        """A request that passes through, but that a protocol still has a word on."""
+        if isinstance(command, Forward):
+            flow.metadata[_FORWARD] = command
+        elif isinstance(command, NeedBody):
+            flow.metadata[_NEEDS_BODY] = protocol  # mitmproxy buffers the small body
 
     def _route_to_sink(self, flow: http.HTTPFlow, state: _FlowState) -> None:
         """Stream the body into the exchange; the legacy server sees nothing of this request."""
@@ -165,11 +180,32 @@ class Shim:
         flow.request.stream = stream
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        protocol = flow.metadata.pop(_NEEDS_BODY, None)
+        if protocol is not None and self.engine is not None:
+            await self._decide_on_body(flow, protocol)
         state = flow.metadata.get(_STATE)
         if isinstance(state, _FlowState) and not state.streamed:
             await self._answer(flow, state)
 
+    async def _decide_on_body(self, flow: http.HTTPFlow, protocol: Protocol) -> None:
+        """Ask the protocol again, now with the body; None leaves the request untouched."""
+        assert self.engine is not None
+        try:
+            request = replace(_to_model(flow.request), body=flow.request.content or b"")
+            command = protocol.parse(request, _owner(request, self.config.owner_header))
+            if command is None or isinstance(command, NeedBody):
+                return
+            exchange = Exchange(self.engine, protocol, request, command)
+            await exchange.begin()
+            flow.metadata[_STATE] = _FlowState(exchange)
+        except Exception:
+            log.exception("shim: failed to decide on %s %s", flow.request.method, flow.request.path)
+            flow.metadata[_STATE] = _FlowState(None, _internal_error())
+
     async def response(self, flow: http.HTTPFlow) -> None:
+        forward = flow.metadata.pop(_FORWARD, None)
+        if isinstance(forward, Forward) and flow.response is not None:
+            _add_token(flow.response.headers, forward.field, forward.token)
         state = flow.metadata.get(_STATE)
         if isinstance(state, _FlowState) and state.streamed:
             await self._answer(flow, state)
@@ -195,6 +231,8 @@ def _protocols(config: shim_config.Config) -> list[Protocol]:
     enabled: list[Protocol] = []
     if config.tus.enabled:
         enabled.append(Tus(config.tus))
+    if config.webdav.paths:
+        enabled.append(Webdav(config.webdav))
     if config.ietf.enabled:
         enabled.append(Ietf(config.ietf))
     if config.tus_target.enabled:
@@ -263,6 +301,13 @@ def _to_response(reply: Reply, method: str) -> http.Response:
     if reply.status == 204 or reply.status < 200:
         response.headers.pop("content-length", None)  # RFC 9110 section 8.6
     return response
+
+
+def _add_token(headers: http.Headers, field: str, token: str) -> None:
+    """Add a token to a comma-separated field (RFC 9110 section 5.6.1), once."""
+    tokens = [t.strip() for t in headers.get(field, "").split(",") if t.strip()]
+    if token.lower() not in (t.lower() for t in tokens):
+        headers[field] = ", ".join([*tokens, token])
 
 
 def _internal_error() -> Reply:

@@ -24,6 +24,32 @@ class Immediate:
 
 
 @dataclass(frozen=True)
+class NeedBody:
+    """The protocol decides only once it has seen the (small) body: parse is asked again
+    with `Request.body` set, and may still return None (the request passes through)."""
+
+    limit: int
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Not the shim's request, but add `token` to the legacy server's `field` on the way
+    back (WebDAV: `DAV: 1, 2, resumable-upload`)."""
+
+    field: str
+    token: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """List the uploads in progress whose keys start with `key_prefix`."""
+
+    owner: str
+    key_prefix: str
+    exact_key: str
+
+
+@dataclass(frozen=True)
 class Refuse:
     error: ShimError
 
@@ -132,7 +158,7 @@ class WriteSegments:
 
 
 Command = (Immediate | Refuse | Open | Append | Inspect | Cancel | Concatenate | WriteRange
-           | WriteSegments)
+           | WriteSegments | NeedBody | Forward | Report)
 
 
 @dataclass(frozen=True)
@@ -143,3 +169,5 @@ class Outcome:
     offset: int = 0
     delivery: Delivery | None = None
     error: ShimError | None = None
+    listing: tuple[tuple[str, Upload], ...] = ()
+    """For a Report: (key, upload) of each upload in progress."""

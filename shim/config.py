@@ -100,6 +100,15 @@ class ByterangesConfig:
 
 
 @dataclass(frozen=True)
+class WebdavConfig:
+    """WebDAV resumable upload (seed 002), only under these path prefixes."""
+
+    paths: tuple[str, ...] = ()
+    max_size: int = 0
+    expiration: int = 86400
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     dir: str = "./shim-data"
     fsync: bool = True
@@ -123,6 +132,7 @@ class Config:
     tus_target: TusTargetConfig = field(default_factory=TusTargetConfig)
     seed001: Seed001Config = field(default_factory=Seed001Config)
     byteranges: ByterangesConfig = field(default_factory=ByterangesConfig)
+    webdav: WebdavConfig = field(default_factory=WebdavConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     owner_header: str = "authorization"
     """Requests on an upload must carry the same value of this header as the one that made it."""
@@ -195,7 +205,8 @@ def _check(config: Config) -> None:
                           ("ietf.paths", config.ietf.paths),
                           ("tus_target.paths", config.tus_target.paths),
                           ("seed001.paths", config.seed001.paths),
-                          ("byteranges.paths", config.byteranges.paths)):
+                          ("byteranges.paths", config.byteranges.paths),
+                          ("webdav.paths", config.webdav.paths)):
         for prefix in prefixes:
             if not prefix.startswith("/"):
                 raise ConfigError(f"{key}: {prefix!r} must start with '/'")
@@ -213,6 +224,7 @@ def _check(config: Config) -> None:
         ("tus_target.max_size", config.tus_target.max_size),
         ("seed001.max_size", config.seed001.max_size),
         ("byteranges.max_size", config.byteranges.max_size),
+        ("webdav.max_size", config.webdav.max_size),
         ("ietf.expiration", config.ietf.expiration),
         ("tus.max_size", config.tus.max_size),
         ("tus.expiration", config.tus.expiration),

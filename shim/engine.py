@@ -163,7 +163,7 @@ class Engine:
         upload = Upload(
             id=new.id, protocol=new.protocol, owner=new.owner,
             length=new.length, metadata=dict(new.metadata), target=new.target, parts=new.parts,
-            created=now, expires=now + new.expiration if new.expiration else None,
+            created=now, updated=now, expires=now + new.expiration if new.expiration else None,
             digests=dict(new.digests),
         )
         self.store.save(upload)
@@ -182,6 +182,18 @@ class Engine:
             self.store.remove(upload.id)
             raise errors.gone("the upload has expired")
         return upload
+
+    def in_progress(self, key_prefix: str, owner: str) -> list[tuple[str, Upload]]:
+        """The live, unfinished uploads whose keys start with `key_prefix`, with their keys."""
+        found = []
+        for key, upload_id in self.store.links(key_prefix):
+            upload = self.store.load(upload_id)
+            if upload is None or upload.owner != owner or upload.terminated or upload.delivered:
+                continue
+            if upload.expires is not None and upload.expires < self.clock():
+                continue
+            found.append((key, upload))
+        return found
 
     def offset_of(self, upload: Upload) -> int:
         """Bytes stored, including those of a running body that will be kept whatever happens."""
@@ -311,7 +323,8 @@ class Engine:
         if upload.length is not None:
             stored = min(stored, upload.length)
         self.store.truncate(upload_id, stored)
-        upload = replace(upload, offset=stored, unverified_from=None, expires=self._renewed(upload))
+        upload = replace(upload, offset=stored, unverified_from=None, updated=self.clock(),
+                         expires=self._renewed(upload))
         self.store.save(upload)
         return upload
 

@@ -88,6 +88,8 @@ class Exchange:
                 self.append = self.engine.begin_append(
                     self.upload, 0, self.request.body_length, command.checksum,
                     command.new.max_size)
+        elif isinstance(command, c.Forward | c.NeedBody):
+            self.declined = True
         elif isinstance(command, c.Inspect) and command.pass_if_missing:
             self.declined = _lookup(self.engine, command) is None
         elif isinstance(command, c.Append):
@@ -219,6 +221,12 @@ class Exchange:
         command = self.command
         if isinstance(command, c.Immediate):
             return c.Outcome()
+        if isinstance(command, c.Report):
+            listing = self.engine.in_progress(command.key_prefix, command.owner)
+            exact = self.engine.find(command.exact_key, command.owner)
+            if exact is not None and not exact.delivered:
+                listing = [(command.exact_key, exact), *listing]
+            return c.Outcome(listing=tuple(dict(listing).items()))
         if isinstance(command, c.Inspect):
             return await self._settle(self.engine.refresh(_required(self.engine, command)))
         if isinstance(command, c.Cancel):

@@ -22,6 +22,8 @@ class Request:
     fields: HeaderList = ()
     body_length: int | None = 0
     """Content-Length; None when the body is chunked and its length is not known yet."""
+    body: bytes | None = None
+    """The whole body, only for the small bodies a protocol asked to see (`NeedBody`)."""
 
     def header(self, name: str) -> str | None:
         """The value of a header, repeated fields joined with ", " (RFC 9110 section 5.3)."""
@@ -89,6 +91,8 @@ class Upload:
     parts: tuple[str, ...] = ()
     """For a concatenated upload: the ids of the uploads whose bytes it is made of."""
     created: float = 0.0
+    updated: float = 0.0
+    """When bytes were last committed (WebDAV's last-chunk-saved)."""
     expires: float | None = None
     answer: Answer | None = None
     """The legacy server's answer once it accepted the file; never set for a refusal."""

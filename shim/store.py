@@ -87,6 +87,12 @@ class Store:
         value = self._meta.get(f"link:{key}")
         return value if isinstance(value, str) else None
 
+    def links(self, prefix: str) -> list[tuple[str, str]]:
+        """Every (key, upload id) whose key starts with `prefix`; a scan, meant for reports."""
+        start = f"link:{prefix}"
+        return [(key[len("link:"):], self._meta[key]) for key in self._meta.iterkeys()
+                if isinstance(key, str) and key.startswith(start)]
+
     def unlink(self, key: str) -> None:
         self._meta.delete(f"link:{key}")
 
