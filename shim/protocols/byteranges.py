@@ -62,19 +62,12 @@ class Byteranges:
     def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
         if outcome.error is not None:
             return replies.text(outcome.error.status, outcome.error.message)
-        upload = outcome.upload
-        if upload is None:
+        if outcome.upload is None:
             return Reply(202)
-        delivery = outcome.delivery
-        if delivery is not None and delivery.answer is None:
-            return replies.text(502, f"complete, not delivered: {delivery.problem}")
-        answer = delivery.answer if delivery is not None else upload.answer
         if isinstance(command, c.Inspect):
             uploaded = str(outcome.offset)
             return Reply(200, (("Content-Length", uploaded), ("Upload-Offset", uploaded)))
-        if answer is not None:
-            return replies.legacy(answer)
-        return Reply(202, (("Upload-Offset", str(outcome.offset)),))
+        return replies.final(outcome) or Reply(202, (("Upload-Offset", str(outcome.offset)),))
 
 
 def _decoder(media_type: str, content_type: str) -> c.BodyDecoder:

@@ -16,7 +16,7 @@ from shim import errors
 from shim.config import ContentRangeConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
-from shim.model import Answer, Reply, Request, Target
+from shim.model import Reply, Request, Target
 from shim.protocols import replies
 from shim.wire import ContentRange, format_range, forwardable, parse_content_range, parse_length
 
@@ -110,14 +110,10 @@ class ContentRangeProtocol:
             params = parse_qsl(request.query, keep_blank_values=True)
             location = _with_query(request.path, [*params, (SESSION_PARAM, upload.id)])
             return Reply(200, (("Location", location), ("Content-Length", "0")))
+        # GCS clients accept only 200 as a session's final status: a 2xx is given as 200.
         session = isinstance(command, c.WriteRange) and command.upload_id is not None
-        delivery = outcome.delivery
-        if delivery is not None and delivery.answer is None:
-            return _text(502, f"the upload is complete but was not delivered: {delivery.problem}")
-        answer = delivery.answer if delivery is not None else (upload.answer if upload else None)
-        if answer is not None:
-            return _legacy_answer(answer, session)
-        return _resume_incomplete(outcome.offset if upload is not None else 0)
+        return replies.final(outcome, accepted_status=200 if session else None) or \
+            _resume_incomplete(outcome.offset if upload is not None else 0)
 
 
 def _opens_session(request: Request, params: list[tuple[str, str]]) -> bool:
@@ -147,14 +143,6 @@ def _target(request: Request, method: str, path: str | None = None,
 
 def _with_query(path: str, params: list[tuple[str, str]]) -> str:
     return f"{path}?{urlencode(params)}" if params else path
-
-
-def _legacy_answer(answer: Answer, session: bool) -> Reply:
-    """The legacy server's own answer. GCS clients accept only 200 as a session's final
-    status, so in a session a 2xx is given as 200, headers and body kept."""
-    if session and answer.accepted:
-        return replies.legacy(answer, status=200, reason="OK")
-    return replies.legacy(answer)
 
 
 def _resume_incomplete(stored: int) -> Reply:

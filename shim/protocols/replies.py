@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from shim.model import Answer, HeaderList, Reply
+
+if TYPE_CHECKING:
+    from shim.commands import Outcome
 
 _HOP_BY_HOP = ("connection", "keep-alive", "transfer-encoding", "content-length")
 
@@ -18,3 +23,19 @@ def legacy(answer: Answer, extra: HeaderList = (), status: int | None = None,
 def text(status: int, message: str, extra: HeaderList = (), reason: str | None = None) -> Reply:
     return Reply(status, (("Content-Type", "text/plain; charset=utf-8"), *extra),
                  f"{message}\n".encode(), reason)
+
+
+def final(outcome: Outcome, extra: HeaderList = (), accepted_status: int | None = None) -> Reply | None:
+    """The reply to a request that finished the file, or None if it did not: 502 when the
+    legacy server gave no answer, else its answer (just given, or recorded and replayed).
+    `accepted_status` replaces a 2xx status (Google sessions want 200)."""
+    delivery = outcome.delivery
+    if delivery is not None and delivery.answer is None:
+        return text(502, f"the upload is complete but was not delivered: {delivery.problem}", extra)
+    answer = delivery.answer if delivery is not None else (
+        outcome.upload.answer if outcome.upload is not None else None)
+    if answer is None:
+        return None
+    if accepted_status is not None and answer.accepted:
+        return legacy(answer, extra, status=accepted_status, reason="OK")
+    return legacy(answer, extra)

@@ -69,14 +69,7 @@ class Seed001:
         range_field = (("Range", stored_range),) if stored_range else ()
         if outcome.error is not None:
             return replies.text(outcome.error.status, outcome.error.message, range_field)
-        delivery = outcome.delivery
-        if delivery is not None and delivery.answer is None:
-            return replies.text(502, f"complete, not delivered: {delivery.problem}")
-        answer = delivery.answer if delivery is not None else (
-            outcome.upload.answer if outcome.upload is not None else None)
-        if answer is not None:
-            return replies.legacy(answer)
-        return Reply(202, range_field)
+        return replies.final(outcome) or Reply(202, range_field)
 
 
 def _expects_range(request: Request) -> bool:

@@ -78,16 +78,9 @@ class TusTarget:
         if isinstance(command, c.Cancel) or upload is None:
             return Reply(204, tuple(base))
         offset = [("Upload-Offset", str(outcome.offset))]
-        delivery = outcome.delivery
-        if delivery is not None and delivery.answer is None:
-            return replies.text(502, f"complete, not delivered: {delivery.problem}",
-                                (*base, *offset))
-        answer = delivery.answer if delivery is not None else upload.answer
-        if answer is not None and not isinstance(command, c.Inspect):
-            return replies.legacy(answer, (*base, *offset))
         if isinstance(command, c.Inspect):
             return Reply(200, (*base, *offset, *_length(upload), ("Cache-Control", "no-store")))
-        return Reply(204, (*base, *offset))
+        return replies.final(outcome, (*base, *offset)) or Reply(204, (*base, *offset))
 
 
 def _length(upload: Upload) -> list[tuple[str, str]]:

@@ -96,14 +96,7 @@ class Webdav:
             return _multistatus([(key[prefix:], upload) for key, upload in outcome.listing])
         if isinstance(command, c.Cancel):
             return Reply(200)
-        delivery = outcome.delivery
-        if delivery is not None and delivery.answer is None:
-            return replies.text(502, f"complete, not delivered: {delivery.problem}")
-        upload = outcome.upload
-        answer = delivery.answer if delivery is not None else (upload.answer if upload else None)
-        if answer is not None:
-            return replies.legacy(answer)
-        return Reply(202)  # a part stored, the file not complete yet
+        return replies.final(outcome) or Reply(202)  # a part stored, the file not complete yet
 
 
 def _is_upload_progress(body: bytes) -> bool:
