@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.net.http import url
+from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from shim import config as shim_config
@@ -64,6 +66,10 @@ class Shim:
         self.sink = Sink()
         self._config_path: str | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.origin: Origin | None = None
+        self._eager_sink = False
+        self._rewrite_host = True
+        self._first_connect: set[str] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -88,13 +94,21 @@ class Shim:
         upstream = Upstream(origin, config.upstream.timeout, not ctx.options.ssl_insecure)
         self.engine = Engine(store, upstream, config.storage.min_free_bytes)
         self.protocols = _protocols(config)
+        self.origin = origin
         self._config_path = path
         log.info("shim: storing uploads in %s, delivering to %s", store.directory,
                  origin.authority)
 
     async def running(self) -> None:
-        # Answering without the upstream needs lazy connections (MITMPROXY.md).
-        ctx.options.update(connection_strategy="lazy")
+        # Each client connection gets its server connection to the sink at once (see
+        # server_connect). A TLS legacy server rules that out: then connections are lazy,
+        # which still lets the shim answer while the legacy server is down (MITMPROXY.md).
+        self._eager_sink = self.origin is not None and self.origin.scheme == "http"
+        # The client's own Host is needed to build absolute upload URLs; the shim rewrites it
+        # for the legacy server itself, as mitmproxy's reverse mode would (_to_legacy).
+        self._rewrite_host = not ctx.options.keep_host_header
+        ctx.options.update(connection_strategy="eager" if self._eager_sink else "lazy",
+                           keep_host_header=True)
         await self.sink.start()
         assert self.engine is not None
         repaired = self.engine.recover()
@@ -117,19 +131,53 @@ class Shim:
                     log.info("shim: removed %d expired uploads", removed)
             await asyncio.sleep(SWEEP_INTERVAL)
 
+    # --- connections ----------------------------------------------------------------------
+
+    def client_connected(self, client: connection.Client) -> None:
+        if self._eager_sink:
+            self._first_connect.add(client.id)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._first_connect.discard(client.id)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Point the connection mitmproxy opens eagerly for each client at the sink.
+
+        mitmproxy passes body chunks to a stream callable only once its server connection is
+        up; a client that leaves before it is loses the chunks queued meanwhile. With the
+        sink connection open before the first request, every byte that arrived reaches the
+        disk. Requests the shim does not claim are aimed back at the legacy server."""
+        if data.client.id in self._first_connect:
+            self._first_connect.discard(data.client.id)
+            data.server.address = ("127.0.0.1", self.sink.port)
+
+    def _to_legacy(self, flow: http.HTTPFlow) -> None:
+        """A request the shim does not claim goes to the legacy server, as without the shim."""
+        if self.origin is None:
+            return
+        request = flow.request
+        if self._eager_sink:
+            request.scheme = self.origin.scheme
+            request.data.host = self.origin.host
+            request.data.port = self.origin.port
+        if self._rewrite_host:
+            request.host_header = url.hostport(self.origin.scheme, self.origin.host, self.origin.port)
+
     # --- hooks ----------------------------------------------------------------------------
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self.engine is None:
             return
         try:
-            state = await self._claim(flow, _to_model(flow.request))
+            state = await self._claim(flow, _to_model(flow.request, flow.client_conn.tls_established))
         except Exception:
             log.exception("shim: failed to begin %s %s", flow.request.method, flow.request.path)
             state = _FlowState(None, _internal_error())
         if state is not None:
             flow.metadata[_STATE] = state
             self._route_to_sink(flow, state)
+        else:
+            self._to_legacy(flow)
 
     async def _claim(self, flow: http.HTTPFlow, request: Request) -> _FlowState | None:
         """Ask each protocol whether the request is theirs; begin the exchange if so."""
@@ -191,7 +239,8 @@ class Shim:
         """Ask the protocol again, now with the body; None leaves the request untouched."""
         assert self.engine is not None
         try:
-            request = replace(_to_model(flow.request), body=flow.request.content or b"")
+            request = replace(_to_model(flow.request, flow.client_conn.tls_established),
+                              body=flow.request.content or b"")
             command = protocol.parse(request, _owner(request, self.config.owner_header))
             if command is None or isinstance(command, NeedBody):
                 return
@@ -266,8 +315,9 @@ async def _guarded(step: Callable[[], Awaitable[Reply]]) -> Reply:
         return _internal_error()
 
 
-def _to_model(request: http.Request) -> Request:
+def _to_model(request: http.Request, tls: bool = False) -> Request:
     path, _, query = request.path.partition("?")
+    authority = request.host_header or ""
     fields = tuple((k, v) for k, v in request.headers.items(multi=True))
     length_text = request.headers.get("content-length")
     if length_text is not None and length_text.strip().isdigit():
@@ -276,7 +326,8 @@ def _to_model(request: http.Request) -> Request:
         body_length = None
     else:
         body_length = None if request.is_http2 or request.is_http3 else 0
-    return Request(request.method.upper(), path, query, fields, body_length)
+    origin = f"{'https' if tls else 'http'}://{authority}" if authority else ""
+    return Request(request.method.upper(), path, query, fields, body_length, origin=origin)
 
 
 def _owner(request: Request, header: str) -> str:

@@ -24,7 +24,13 @@ class Request:
     """Content-Length; None when the body is chunked and its length is not known yet."""
     body: bytes | None = None
     """The whole body, only for the small bodies a protocol asked to see (`NeedBody`)."""
+    origin: str = ""
+    """`scheme://host[:port]` as the client addressed the shim, for absolute URLs; "" if
+    the request named no host."""
 
+    def absolute(self, path: str) -> str:
+        """An absolute URL on the shim for `path` (a relative one when the host is unknown)."""
+        return self.origin + path
     def header(self, name: str) -> str | None:
         """The value of a header, repeated fields joined with ", " (RFC 9110 section 5.3)."""
         wanted = name.lower()

@@ -91,12 +91,15 @@ def patch(location: str, offset: int, body: bytes) -> http.HTTPFlow:
 def test_requests_no_protocol_claims_pass_through_untouched(tmp_path: Path) -> None:
     async def run() -> None:
         async with running_shim(tmp_path) as shim:
-            f = flow("PUT", "/files", {"Content-Type": "text/plain"}, b"whole")  # not under /files/
-            before = f.request.copy()
+            f = flow("PUT", "/files", {"Content-Type": "text/plain", "Host": "shim.example"},
+                     b"whole")  # not under /files/
+            f.request.data.port = 9  # where mitmproxy aims it: the eager sink connection
             await shim.requestheaders(f)
             await shim.request(f)
             assert f.response is None and not f.request.stream
-            assert f.request.get_state() == before.get_state()
+            assert (f.request.host, f.request.port, f.request.path) == ("127.0.0.1", 1, "/files")
+            assert f.request.host_header == "127.0.0.1:1"  # as mitmproxy's reverse mode does
+            assert f.request.headers["Content-Type"] == "text/plain"
 
     asyncio.run(run())
 
@@ -177,12 +180,20 @@ def test_the_shim_needs_reverse_mode(tmp_path: Path) -> None:
         tctx.configure(shim, mode=["regular"])
 
 
-def test_running_makes_connections_lazy(tmp_path: Path) -> None:
+def test_running_opens_each_client_connection_to_the_sink_at_once(tmp_path: Path) -> None:
     async def run() -> None:
         from mitmproxy import ctx
+        from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-        async with running_shim(tmp_path):
-            assert ctx.options.connection_strategy == "lazy"
+        async with running_shim(tmp_path) as shim:
+            assert ctx.options.connection_strategy == "eager"
+            first, later = tflow.tflow(), tflow.tflow()
+            shim.client_connected(first.client_conn)
+            shim.server_connect(ServerConnectionHookData(first.server_conn, first.client_conn))
+            later.client_conn = first.client_conn
+            shim.server_connect(ServerConnectionHookData(later.server_conn, later.client_conn))
+            assert first.server_conn.address == ("127.0.0.1", shim.sink.port)
+            assert later.server_conn.address != ("127.0.0.1", shim.sink.port)
 
     asyncio.run(run())
 

@@ -103,7 +103,7 @@ def test_sessions_open_on_upload_type_or_goog_header_and_are_capabilities() -> N
                               ("Content-Range", "bytes 0-3/*"), body=4), "alice")
     assert isinstance(chunk, c.WriteRange)
     assert (chunk.upload_id, chunk.owner, chunk.start, chunk.total) == ("abc", "", 0, None)
-    cancel = proto().parse(req("DELETE", "/upload/b/o", "upload_id=abc"), "")
+    cancel = proto().parse(req("DELETE", "/upload/b/o", "uploadType=resumable&upload_id=abc"), "")
     assert cancel == c.Cancel("abc", "")
 
 

@@ -35,12 +35,12 @@ class ContentRangeProtocol:
 
     def parse(self, request: Request, owner: str) -> c.Command | None:
         params = parse_qsl(request.query, keep_blank_values=True)
-        session_id = dict(params).get(SESSION_PARAM)
         try:
-            if self.config.sessions and session_id and request.method in ("PUT", "POST", "DELETE"):
-                return self._session_request(request, session_id)
             if not self._eligible(request.path):
                 return None
+            session_id = _session_id(params) if self.config.sessions else None
+            if session_id and request.method in ("PUT", "POST", "DELETE"):
+                return self._session_request(request, session_id)
             if self.config.sessions and request.method == "POST" and _opens_session(request, params):
                 return self._open_session(request, owner, params)
             range_field = request.header("content-range")
@@ -107,13 +107,22 @@ class ContentRangeProtocol:
             return Reply(499, (), b"", "Client Closed Request")  # what GCS answers (section 3)
         upload = outcome.upload
         if isinstance(command, c.Open) and upload is not None:
-            params = parse_qsl(request.query, keep_blank_values=True)
-            location = _with_query(request.path, [*params, (SESSION_PARAM, upload.id)])
+            params = [(k, v) for k, v in parse_qsl(request.query, keep_blank_values=True)
+                      if k != "uploadType"]
+            session_query = [("uploadType", "resumable"), *params, (SESSION_PARAM, upload.id)]
+            location = request.absolute(_with_query(request.path, session_query))
             return Reply(200, (("Location", location), ("Content-Length", "0")))
         # GCS clients accept only 200 as a session's final status: a 2xx is given as 200.
         session = isinstance(command, c.WriteRange) and command.upload_id is not None
         return replies.final(outcome, accepted_status=200 if session else None) or \
             _resume_incomplete(outcome.offset if upload is not None else 0)
+
+
+def _session_id(params: list[tuple[str, str]]) -> str | None:
+    """A session URI the shim handed out carries both `uploadType=resumable` and
+    `upload_id`; a legacy URL that merely has an `upload_id` parameter is not one."""
+    found = dict(params)
+    return found.get(SESSION_PARAM) if found.get("uploadType") == "resumable" else None
 
 
 def _opens_session(request: Request, params: list[tuple[str, str]]) -> bool:
@@ -153,7 +162,9 @@ def _resume_incomplete(stored: int) -> Reply:
 
 
 def _error(error: ShimError, stored: int) -> Reply:
-    reply = _text(error.status, error.message)
+    # A session that was cancelled, failed or expired is simply unknown, as at Google (404).
+    status = 404 if error.code == "gone" else error.status
+    reply = _text(status, error.message)
     if error.code == "gap":
         stored_range = format_range(stored)
         extra = (("Range", stored_range),) if stored_range else ()
