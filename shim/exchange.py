@@ -67,6 +67,8 @@ class Exchange:
         self.error: ShimError | None = None
         self.declined = False
         """The request turned out not to be the shim's: it passes through untouched."""
+        self.created = False
+        """This request's body made the upload (a byte-range body names it only inside)."""
 
     async def begin(self) -> None:
         """Do what must happen before the body arrives; remember a refusal for `finish`."""
@@ -91,7 +93,8 @@ class Exchange:
         elif isinstance(command, c.Forward | c.NeedBody):
             self.declined = True
         elif isinstance(command, c.Inspect) and command.pass_if_missing:
-            self.declined = _lookup(self.engine, command) is None
+            found = _lookup(self.engine, command)
+            self.declined = found is None or found.delivered  # nothing in progress here
         elif isinstance(command, c.Append):
             upload = _required(self.engine, command)
             if command.digests:
@@ -125,6 +128,7 @@ class Exchange:
                 raise ShimError("gap", f"nothing is stored; a first range must start at 0, "
                                 f"not at {chunk.start}", 416)
             upload = self.upload = self.engine.create(command.new, command.key)
+            self.created = True
         if chunk.total is not None and (upload.length is None or self.append is None):
             upload = self.upload = self.engine.declare_length(upload, chunk.total,
                                                               command.max_size)
@@ -242,6 +246,8 @@ class Exchange:
             if self.error is not None:
                 self.abort()
                 return c.Outcome(upload=self.upload, error=self.error)
+            if self.append is not None and self.append.failure is not None and self.created:
+                return await self._refuse_new_upload(self.append)
         if self.append is not None:
             append, self.append = self.append, None
             self.upload = await self.engine.finish_append(append)
@@ -250,6 +256,17 @@ class Exchange:
         if self.upload is None:
             return c.Outcome()
         return await self._settle(self.engine.store.load(self.upload.id) or self.upload)
+
+    async def _refuse_new_upload(self, append: e.Append) -> c.Outcome:
+        """A refused body that had made a new upload leaves nothing behind: a retry starts
+        afresh (and may say If-None-Match: * again)."""
+        self.append = None
+        try:
+            await self.engine.finish_append(append)
+        except ShimError as exc:
+            self.engine.store.remove(append.upload.id)
+            return c.Outcome(error=exc)
+        return c.Outcome(upload=self.upload)  # pragma: no cover - a failure always raises
 
     async def _settle(self, upload: Upload) -> c.Outcome:
         """Deliver what just became complete (or was complete but not yet delivered)."""

@@ -12,7 +12,7 @@ the request that completes it gets the legacy server's own answer.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from shim import commands as c
 from shim.config import Seed001Config
@@ -38,8 +38,9 @@ class Seed001:
         in_query = dict(params).get(RANGE_PARAM)
         try:
             if self.config.query_range and in_query is not None:
-                kept = [(k, v) for k, v in params if k != RANGE_PARAM]
-                url = f"{request.path}?{urlencode(kept)}" if kept else request.path
+                kept = "&".join(p for p in request.query.split("&")
+                                if p.split("=", 1)[0] != RANGE_PARAM)
+                url = f"{request.path}?{kept}" if kept else request.path  # the rest as sent
                 return self._write(request, owner, parse_content_range(f"bytes {in_query}"), url)
             if self.config.expect_range and _expects_range(request):
                 chunk = parse_content_range(request.header("range") or "")
