@@ -223,7 +223,8 @@ class Engine:
         """Fix a deferred length (tus creation-defer-length; IETF Upload-Length)."""
         if upload.length is not None:
             if upload.length != length:
-                raise errors.bad_request(f"the upload's length is {upload.length}, not {length}")
+                raise ShimError("inconsistent-length",
+                                f"the upload's length is {upload.length}, not {length}", 400)
             return upload
         if length < upload.offset:
             raise errors.bad_request(f"length {length} is less than the {upload.offset} bytes stored")
@@ -394,9 +395,11 @@ class Engine:
                 return Delivery(None, mismatch, "digest-mismatch")
             delivery = await self._send(current)
             if delivery.accepted:
-                self.store.save(replace(current, answer=delivery.answer))
+                self.store.save(replace(current, answer=delivery.answer, refusal=None))
                 for upload_id in current.parts or (current.id,):
                     self.store.discard_data(upload_id)
+            elif delivery.answer is not None:
+                self.store.save(replace(current, refusal=delivery.answer))
         return delivery
 
     async def _send(self, upload: Upload) -> Delivery:

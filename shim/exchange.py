@@ -232,7 +232,12 @@ class Exchange:
                 listing = [(command.exact_key, exact), *listing]
             return c.Outcome(listing=tuple(dict(listing).items()))
         if isinstance(command, c.Inspect):
-            return await self._settle(self.engine.refresh(_required(self.engine, command)))
+            upload = self.engine.refresh(_required(self.engine, command))
+            refusal = upload.refusal
+            if refusal is not None and 400 <= refusal.status < 500:
+                # A status inquiry repeats a refusal; only an explicit retry sends the file again.
+                return c.Outcome(upload=upload, offset=upload.offset, delivery=e.Delivery(refusal))
+            return await self._settle(upload)
         if isinstance(command, c.Cancel):
             self.engine.terminate(_required(self.engine, command))
             return c.Outcome()

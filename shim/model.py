@@ -102,6 +102,8 @@ class Upload:
     expires: float | None = None
     answer: Answer | None = None
     """The legacy server's answer once it accepted the file; never set for a refusal."""
+    refusal: Answer | None = None
+    """The legacy server's last refusal, until it accepts the file."""
     unverified_from: int | None = None
     """Set while a checksummed chunk is being written: bytes past it are not yet committed."""
     terminated: bool = False

@@ -152,8 +152,10 @@ class Store:
 
 def _to_json(upload: Upload) -> str:
     record = asdict(upload)
-    if upload.answer is not None:
-        record["answer"]["body"] = base64.b64encode(upload.answer.body).decode("ascii")
+    for name in ("answer", "refusal"):
+        answer = getattr(upload, name)
+        if answer is not None:
+            record[name]["body"] = base64.b64encode(answer.body).decode("ascii")
     return json.dumps(record)
 
 
@@ -163,11 +165,12 @@ def _from_json(text: str) -> Upload:
         target = record["target"]
         target["headers"] = _pairs(target["headers"])
         record["target"] = Target(**target)
-    if record.get("answer") is not None:
-        answer = record["answer"]
-        answer["headers"] = _pairs(answer["headers"])
-        answer["body"] = base64.b64decode(answer["body"])
-        record["answer"] = Answer(**answer)
+    for name in ("answer", "refusal"):
+        answer = record.get(name)
+        if answer is not None:
+            answer["headers"] = _pairs(answer["headers"])
+            answer["body"] = base64.b64decode(answer["body"])
+            record[name] = Answer(**answer)
     record["parts"] = tuple(record["parts"])
     return Upload(**record)
 

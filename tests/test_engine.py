@@ -289,3 +289,14 @@ def test_an_announced_digest_is_checked_before_anything_is_delivered(
     assert (failed.answer, failed.code) == (None, "digest-mismatch")
     assert refusal(engine.get, wrong.id, "me").status == 410  # the upload failed for good
     assert len([r for r in server.received if r.method == "PUT"]) == 1
+
+
+def test_a_refusal_is_recorded_until_the_file_is_accepted(engine: e.Engine, server: WholeFileServer) -> None:
+    upload = append(engine, engine.create(new(3)), b"abc")
+    server.fail_status = 403
+    asyncio.run(engine.deliver(upload))
+    refused = engine.get(upload.id, "me")
+    assert refused.refusal is not None and refused.refusal.status == 403
+    server.fail_status = None
+    asyncio.run(engine.deliver(refused))
+    assert engine.get(upload.id, "me").refusal is None

@@ -135,7 +135,7 @@ class Ietf:
             target=_target(request), max_size=self.config.max_size,
             expiration=self.config.expiration, digests=_repr_digests(request),
         )
-        interim = self._interim(interop, upload_id) if interop else None
+        interim = self._interim(request, interop, upload_id) if interop else None
         return c.Open(new, with_body=request.has_body, checksum=_content_digest(request),
                       complete_at_end=complete and length is None, interim=interim)
 
@@ -182,10 +182,10 @@ class Ietf:
             return command.reply
         interop = self._reply_interop(request, outcome.upload)
         base = [(VERSION_FIELD, str(interop.version))]
-        if isinstance(command, c.Open) and outcome.upload is not None:
-            base.append(("Location", self._location(outcome.upload)))
         if outcome.error is not None:
-            return _problem(outcome.error, interop, base, command, outcome.upload)
+            if isinstance(command, c.Open) and outcome.upload is not None:
+                base.append(("Location", self._location(request, outcome.upload)))
+            return _problem(outcome.error, interop, base, request, outcome.upload)
         upload = outcome.upload
         if isinstance(command, c.Cancel) or upload is None:
             return Reply(204, tuple(base))
@@ -197,13 +197,17 @@ class Ietf:
             return _problem_reply(502, "", f"complete, not delivered: {delivery.problem}",
                                   interop, base + progress, {})
         answer = delivery.answer if delivery is not None else upload.answer
+        location = [("Location", self._location(request, upload))] \
+            if isinstance(command, c.Open) else []
         if answer is not None and not isinstance(command, c.Inspect):
-            return _final(answer, interop, base + progress)
+            if any(k.lower() == "location" for k, _ in answer.headers):
+                location = []  # Location is one field: the target resource's own wins (-10)
+            return _final(answer, interop, base + location + progress)
         status_fields = [*progress, interop.completeness(upload.complete)]
         if isinstance(command, c.Inspect):
             return Reply(204, (*base, *status_fields, *self._status(upload, interop)))
         status = 201 if isinstance(command, c.Open) else interop.append_status
-        return Reply(status, (*base, *status_fields, *self._limit(interop)))
+        return Reply(status, (*base, *location, *status_fields, *self._limit(interop)))
 
     def _status(self, upload: Upload, interop: Interop) -> list[tuple[str, str]]:
         """"Offset Retrieval": Upload-Length when known (-05 on), Upload-Limit, no-store."""
@@ -218,13 +222,15 @@ class Ietf:
             interop = VERSIONS.get(int(upload.metadata.get("interop", LATEST)))
         return interop or VERSIONS[LATEST]
 
-    def _location(self, upload: Upload) -> str:
-        return self.config.prefix + upload.id
+    def _location(self, request: Request, upload: Upload) -> str:
+        """The same absolute URL in the 104 and the final response (-10, "Upload Creation")."""
+        return request.absolute(self.config.prefix + upload.id)
 
-    def _interim(self, interop: Interop, upload_id: str) -> Reply:
+    def _interim(self, request: Request, interop: Interop, upload_id: str) -> Reply:
         """104 (Upload Resumption Supported): Location and the interop version, echoed as the
         draft requires, and Upload-Limit from -04 (a MUST from -09)."""
-        fields = [("Location", self.config.prefix + upload_id), (VERSION_FIELD, str(interop.version))]
+        location = request.absolute(self.config.prefix + upload_id)
+        fields = [("Location", location), (VERSION_FIELD, str(interop.version))]
         return Reply(104, (*fields, *self._limit(interop)), b"", "Upload Resumption Supported")
 
     def _limit(self, interop: Interop) -> list[tuple[str, str]]:
@@ -359,16 +365,20 @@ _PROBLEMS = {
 
 
 def _problem(error: ShimError, interop: Interop, base: list[tuple[str, str]],
-             command: c.Command, upload: Upload | None) -> Reply:
+             request: Request, upload: Upload | None) -> Reply:
     """Errors as RFC 9457 problem documents, with the draft's problem types (-04 on)."""
     kind = _PROBLEMS.get(error.code, "")
     status = error.status
-    if kind in ("completed-upload", "inconsistent-upload-length") and isinstance(command, c.Append):
-        status = 400  # -05 "Upload Append": not 403/413
+    appending = request.method == "PATCH"
+    if appending and (kind in ("completed-upload", "inconsistent-upload-length")
+                      or error.code == "checksum-mismatch"):
+        status = 400  # -05 "Upload Append" and RFC 9530: not tus's 403/413/460
     extra = [("Upload-Offset", str(error.details["expected-offset"]))] \
         if "expected-offset" in error.details else []
-    if upload is not None and kind:
+    if upload is not None and (kind or upload.complete):
         extra.append(interop.completeness(upload.complete))
+    elif appending and interop.final_complete:
+        extra.append(interop.completeness(False))  # -06..-09: "any response, successful or not"
     details = {k: v for k, v in error.details.items() if not k[0].isupper()}
     return _problem_reply(status, kind, error.message, interop, base + extra, details)
 
