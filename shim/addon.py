@@ -30,6 +30,7 @@ from shim.model import Reply, Request
 from shim.protocols import Protocol
 from shim.protocols.byteranges import Byteranges
 from shim.protocols.content_range import ContentRangeProtocol
+from shim.protocols.guard import Guard
 from shim.protocols.ietf import Ietf
 from shim.protocols.seed001 import Seed001
 from shim.protocols.tus import Tus
@@ -292,6 +293,7 @@ def _protocols(config: shim_config.Config) -> list[Protocol]:
         enabled.append(ContentRangeProtocol(config.content_range))
     if config.byteranges.enabled:
         enabled.append(Byteranges(config.byteranges))
+    enabled.append(Guard())
     return enabled
 
 
