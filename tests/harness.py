@@ -16,12 +16,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import pytest
 import yaml
+
+from shim.demo_server import WholeFileServer
 
 __all__ = [
     "ADDON_PATH",
@@ -407,6 +409,24 @@ class ShimLauncher:
             tail = shim.output().splitlines()[-max_lines:]
             parts.append(f"==== {shim.kind} in {shim.workdir} ====\n" + "\n".join(tail))
         return "\n".join(parts)
+
+
+def shared_shim(tmp_path_factory: pytest.TempPathFactory, name: str,
+                config: Mapping[str, Any] | None = None,
+                ) -> Iterator[tuple[ShimProcess, WholeFileServer]]:
+    """One legacy server and one shim in front of it, for a module-scoped fixture: starting
+    mitmdump is most of an e2e test's time. Each test then uses its own paths, so tests share
+    no upload, and looks only at its own paths on the legacy side."""
+    tmp = tmp_path_factory.mktemp(name)
+    legacy = WholeFileServer(tmp / "legacy")
+    legacy.start()
+    launcher = ShimLauncher(legacy.url, tmp)
+    try:
+        yield launcher(config), legacy
+    finally:
+        launcher.kill_all()
+        legacy.stop()
+        print(launcher.report())
 
 
 def in_ci() -> bool:

@@ -30,7 +30,7 @@ from google import resumable_media
 from google.resumable_media.requests import ResumableUpload
 
 from shim.demo_server import ReceivedRequest, WholeFileServer
-from tests.harness import PayloadFactory, ShimLauncher, ShimProcess, sha256_of, wait_until
+from tests.harness import PayloadFactory, ShimLauncher, ShimProcess, sha256_of, shared_shim, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,16 +225,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     their own and no legacy failure; starting mitmdump is most of an e2e test's time. Each
     test uses its own URL, so they share no upload, and looks only at its own path on the
     legacy side."""
-    tmp = tmp_path_factory.mktemp("content-range-shared")
-    legacy = WholeFileServer(tmp / "legacy")
-    legacy.start()
-    launcher = ShimLauncher(legacy.url, tmp)
-    try:
-        yield launcher(), legacy
-    finally:
-        launcher.kill_all()
-        legacy.stop()
-        print(launcher.report())
+    yield from shared_shim(tmp_path_factory, "content-range-shared")
 
 
 # --- 1. seed 000 with curl -----------------------------------------------------------------

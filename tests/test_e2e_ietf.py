@@ -46,6 +46,7 @@ from tests.harness import (
     ShimProcess,
     run_tus_js,
     sha256_of,
+    shared_shim,
     start_tus_js,
     tus_js_events,
     wait_until,
@@ -394,16 +395,7 @@ def assert_final(response: Response, version: int, path: str, data: bytes) -> No
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ShimProcess, WholeFileServer]]:
     """One legacy server and one shim (default config) for the raw HTTP tests: each test uses
     its own legacy URL (:func:`unique_path`), so tests do not share uploads."""
-    tmp = tmp_path_factory.mktemp("ietf")
-    legacy = WholeFileServer(tmp / "legacy")
-    legacy.start()
-    launcher = ShimLauncher(legacy.url, tmp)
-    try:
-        yield launcher(), legacy
-    finally:
-        launcher.kill_all()
-        legacy.stop()
-        print(launcher.report())
+    yield from shared_shim(tmp_path_factory, "ietf")
 
 
 # --- 1. tus-js-client in its IETF modes -------------------------------------------------

@@ -35,7 +35,7 @@ import pytest
 import requests
 
 from shim.demo_server import ReceivedRequest, WholeFileServer
-from tests.harness import PayloadFactory, ShimLauncher, ShimProcess, sha256_of, wait_until
+from tests.harness import PayloadFactory, ShimProcess, sha256_of, shared_shim, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,16 +68,7 @@ def _shared(
     """One legacy server and one shim; starting mitmdump is most of an e2e test's time. Each
     test uses its own paths, so they share no upload, and looks only at its own paths on the
     legacy side."""
-    tmp = tmp_path_factory.mktemp(name)
-    legacy = WholeFileServer(tmp / "legacy")
-    legacy.start()
-    launcher = ShimLauncher(legacy.url, tmp)
-    try:
-        yield launcher(config), legacy
-    finally:
-        launcher.kill_all()
-        legacy.stop()
-        print(launcher.report())
+    yield from shared_shim(tmp_path_factory, name, config)
 
 
 @pytest.fixture(scope="module")
