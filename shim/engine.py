@@ -466,4 +466,7 @@ class Engine:
                     and upload_id not in self._active:
                 self.store.remove(upload_id)
                 removed += 1
+        for key, upload_id in self.store.links(""):
+            if self.store.load(upload_id) is None:
+                self.store.unlink(key)  # the key named an upload that is gone
         return removed

@@ -229,9 +229,10 @@ def test_terminated_and_expired_uploads_are_gone(engine: e.Engine, clock: Clock)
     old = engine.create(new(10, expiration=60))
     clock.now += 61
     assert refusal(engine.get, old.id, "me").status == 410
-    stale = engine.create(new(10, expiration=60))
+    stale = engine.create(new(10, expiration=60), key="PUT /stale")
     clock.now += 61
     assert engine.sweep() >= 1 and engine.store.load(stale.id) is None
+    assert engine.store.resolve("PUT /stale") is None
 
 
 def test_a_range_that_overlaps_the_stored_end_skips_what_is_stored(engine: e.Engine) -> None:
