@@ -226,33 +226,18 @@ class Exchange:
         if isinstance(command, c.Immediate):
             return c.Outcome()
         if isinstance(command, c.Report):
-            listing = self.engine.in_progress(command.key_prefix, command.owner)
-            exact = self.engine.find(command.exact_key, command.owner)
-            if exact is not None and not exact.delivered:
-                listing = [(command.exact_key, exact), *listing]
-            return c.Outcome(listing=tuple(dict(listing).items()))
+            return self._report(command)
         if isinstance(command, c.Inspect):
-            upload = self.engine.refresh(_required(self.engine, command))
-            refusal = upload.refusal
-            if refusal is not None and 400 <= refusal.status < 500:
-                # A status inquiry repeats a refusal; only an explicit retry sends the file again.
-                return c.Outcome(upload=upload, offset=upload.offset, delivery=e.Delivery(refusal))
-            return await self._settle(upload)
+            return await self._inspect(command)
         if isinstance(command, c.Cancel):
             self.engine.terminate(_required(self.engine, command))
             return c.Outcome()
         if isinstance(command, c.Concatenate):
             return await self._settle(self.engine.concatenate(command.new))
         if isinstance(command, c.WriteSegments):
-            try:
-                command.decoder.end()
-            except ShimError as exc:
-                self._refuse_body(exc)
-            if self.error is not None:
-                self.abort()
-                return c.Outcome(upload=self.upload, error=self.error)
-            if self.append is not None and self.append.failure is not None and self.created:
-                return await self._refuse_new_upload(self.append)
+            refused = await self._end_segments(command)
+            if refused is not None:
+                return refused
         if self.append is not None:
             append, self.append = self.append, None
             self.upload = await self.engine.finish_append(append)
@@ -261,6 +246,34 @@ class Exchange:
         if self.upload is None:
             return c.Outcome()
         return await self._settle(self.engine.store.load(self.upload.id) or self.upload)
+
+    def _report(self, command: c.Report) -> c.Outcome:
+        listing = self.engine.in_progress(command.key_prefix, command.owner)
+        exact = self.engine.find(command.exact_key, command.owner)
+        if exact is not None and not exact.delivered:
+            listing = [(command.exact_key, exact), *listing]
+        return c.Outcome(listing=tuple(dict(listing).items()))
+
+    async def _inspect(self, command: c.Inspect) -> c.Outcome:
+        upload = self.engine.refresh(_required(self.engine, command))
+        refusal = upload.refusal
+        if refusal is not None and 400 <= refusal.status < 500:
+            # A status inquiry repeats a refusal; only an explicit retry sends the file again.
+            return c.Outcome(upload=upload, offset=upload.offset, delivery=e.Delivery(refusal))
+        return await self._settle(upload)
+
+    async def _end_segments(self, command: c.WriteSegments) -> c.Outcome | None:
+        """The byte-range body ended: an outcome if it was refused, else None."""
+        try:
+            command.decoder.end()
+        except ShimError as exc:
+            self._refuse_body(exc)
+        if self.error is not None:
+            self.abort()
+            return c.Outcome(upload=self.upload, error=self.error)
+        if self.append is not None and self.append.failure is not None and self.created:
+            return await self._refuse_new_upload(self.append)
+        return None
 
     async def _refuse_new_upload(self, append: e.Append) -> c.Outcome:
         """A refused body that had made a new upload leaves nothing behind: a retry starts
