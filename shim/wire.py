@@ -26,6 +26,11 @@ def parse_length(value: str, name: str) -> int:
     return int(text)
 
 
+def path_allowed(path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `path` lies under one of the configured prefixes; none configured: every path."""
+    return not prefixes or any(path.startswith(prefix) for prefix in prefixes)
+
+
 def forwardable(fields: HeaderList, protocol_prefixes: tuple[str, ...],
                 protocol_names: frozenset[str] = frozenset()) -> HeaderList:
     """The request fields that may reach the legacy server: no hop-by-hop, no protocol field."""

@@ -26,7 +26,7 @@ from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Target
 from shim.protocols import replies
-from shim.wire import ContentRange, forwardable, parse_content_range
+from shim.wire import ContentRange, forwardable, parse_content_range, path_allowed
 
 MAX_HEADER_BLOCK = 16 * 1024
 _BOUNDARY = re.compile(r'boundary="?([^";]{1,70})"?', re.IGNORECASE)
@@ -39,7 +39,7 @@ class Byteranges:
         self.config = config
 
     def parse(self, request: Request, owner: str) -> c.Command | None:
-        if self.config.paths and not any(request.path.startswith(p) for p in self.config.paths):
+        if not path_allowed(request.path, self.config.paths):
             return None
         key = f"{self.name}:{owner}:{request.target}"
         if request.method == "HEAD":

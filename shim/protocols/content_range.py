@@ -18,7 +18,7 @@ from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Target
 from shim.protocols import replies
-from shim.wire import ContentRange, format_range, forwardable, parse_content_range, parse_length
+from shim.wire import ContentRange, format_range, forwardable, parse_content_range, parse_length, path_allowed
 
 RESUME_INCOMPLETE = "Resume Incomplete"
 SESSION_PARAM = "upload_id"
@@ -51,7 +51,7 @@ class ContentRangeProtocol:
         return None
 
     def _eligible(self, path: str) -> bool:
-        return not self.config.paths or any(path.startswith(p) for p in self.config.paths)
+        return path_allowed(path, self.config.paths)
 
     # --- plain Content-Range on the legacy server's URL -----------------------------------
 

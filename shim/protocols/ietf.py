@@ -25,7 +25,7 @@ from shim.engine import Checksum, NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Answer, Reply, Request, Target, Upload
 from shim.protocols import replies
-from shim.wire import forwardable
+from shim.wire import forwardable, path_allowed
 
 PARTIAL_UPLOAD = "application/partial-upload"
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
@@ -98,7 +98,7 @@ class Ietf:
     def _upgrades(self, request: Request, version_text: str | None) -> bool:
         """A request to a target URL is ours when it carries the completeness field (or is an
         OPTIONS naming an interop version) on a path the config allows."""
-        if self.config.paths and not any(request.path.startswith(p) for p in self.config.paths):
+        if not path_allowed(request.path, self.config.paths):
             return False
         if request.method == "OPTIONS":
             return version_text is not None
@@ -126,8 +126,6 @@ class Ietf:
         if request.header("upload-offset") not in (None, "0"):
             raise errors.bad_request("a creation request starts at Upload-Offset 0")
         length = _length(request, 0, complete)
-        if self.config.max_size and length is not None and length > self.config.max_size:
-            raise errors.too_large(f"{length} bytes is more than the limit of {self.config.max_size}")
         upload_id = new_upload_id()
         new = NewUpload(
             id=upload_id, protocol=self.name, owner=owner, length=length,

@@ -20,7 +20,7 @@ from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Target
 from shim.protocols import replies
-from shim.wire import ContentRange, format_range, forwardable, parse_content_range
+from shim.wire import ContentRange, format_range, forwardable, parse_content_range, path_allowed
 
 RANGE_PARAM = "range"
 
@@ -50,7 +50,7 @@ class Seed001:
         return None
 
     def _eligible(self, path: str) -> bool:
-        return not self.config.paths or any(path.startswith(p) for p in self.config.paths)
+        return path_allowed(path, self.config.paths)
 
     def _write(self, request: Request, owner: str, chunk: ContentRange, url: str) -> c.Command:
         if chunk.start is not None and request.body_length not in (None, chunk.size):

@@ -15,7 +15,7 @@ from shim.errors import ShimError
 from shim.model import Reply, Request, Target, Upload
 from shim.protocols import replies
 from shim.protocols.tus import VERSION, check_chunk_type, check_version, parse_checksum
-from shim.wire import forwardable, parse_length
+from shim.wire import forwardable, parse_length, path_allowed
 
 
 class TusTarget:
@@ -52,7 +52,7 @@ class TusTarget:
     def _eligible(self, path: str) -> bool:
         if path.startswith(self.tus_endpoint):
             return False  # the tus endpoint's own requests are the tus module's
-        return not self.config.paths or any(path.startswith(p) for p in self.config.paths)
+        return path_allowed(path, self.config.paths)
 
     def _create(self, request: Request, owner: str, key: str) -> c.Command:
         """The PUT announces the whole length: Upload-Length, else its Content-Length."""

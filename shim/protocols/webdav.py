@@ -26,7 +26,7 @@ from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Target, Upload
 from shim.protocols import replies
-from shim.wire import forwardable, http_date, parse_content_range
+from shim.wire import forwardable, http_date, parse_content_range, path_allowed
 
 ITHIT = "ithit"
 MAX_REPORT_BODY = 64 * 1024
@@ -39,7 +39,7 @@ class Webdav:
         self.config = config
 
     def parse(self, request: Request, owner: str) -> c.Command | None:
-        if not any(request.path.startswith(prefix) for prefix in self.config.paths):
+        if not self.config.paths or not path_allowed(request.path, self.config.paths):
             return None
         try:
             if request.method == "OPTIONS":
