@@ -10,6 +10,7 @@ arrived when a client leaves mid-body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -23,10 +24,12 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from shim import config as shim_config
 from shim.commands import Command, Forward, NeedBody
-from shim.engine import Engine
+from shim.engine import WRITE_LEASE_TTL, Engine, every
 from shim.exchange import Exchange
+from shim.local_store import LocalStore
 from shim.mitm import close_client, send_interim
 from shim.model import Reply, Request
+from shim.outbox import DeliveryPolicy, Outbox
 from shim.protocols import Protocol
 from shim.protocols.byteranges import Byteranges
 from shim.protocols.content_range import ContentRangeProtocol
@@ -37,7 +40,6 @@ from shim.protocols.tus import Tus
 from shim.protocols.tus_target import TusTarget
 from shim.protocols.webdav import Webdav
 from shim.sink import Sink
-from shim.store import Store
 from shim.upstream import Origin, Upstream
 
 log = logging.getLogger("shim")
@@ -66,7 +68,8 @@ class Shim:
         self.protocols: list[Protocol] = []
         self.sink = Sink()
         self._config_path: str | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self.store: LocalStore | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.origin: Origin | None = None
         self._eager_sink = False
         self._rewrite_host = True
@@ -88,12 +91,17 @@ class Shim:
         except shim_config.ConfigError as exc:
             raise exceptions.OptionsError(f"shim_config: {exc}") from exc
         origin = _reverse_origin(ctx.options.mode)
-        if self.engine is not None:
-            self.engine.store.close()
         self.config = config
-        store = Store(config.storage.dir, fsync=config.storage.fsync)
+        if self.store is not None:
+            _close_later(self.store)
+        store = LocalStore(config.storage.dir, fsync=config.storage.fsync)
         upstream = Upstream(origin, config.upstream.timeout, not ctx.options.ssl_insecure)
-        self.engine = Engine(store, upstream, config.storage.min_free_bytes)
+        delivery = config.delivery
+        outbox = Outbox(store, upstream, DeliveryPolicy(
+            wait=delivery.wait, give_up_after=delivery.give_up_after,
+            on_unknown=delivery.on_unknown))
+        self.store = store
+        self.engine = Engine(store, outbox, config.storage.min_free_bytes)
         self.protocols = _protocols(config)
         self.origin = origin
         self._config_path = path
@@ -111,26 +119,33 @@ class Shim:
         ctx.options.update(connection_strategy="eager" if self._eager_sink else "lazy",
                            keep_host_header=True)
         await self.sink.start()
-        assert self.engine is not None
-        repaired = self.engine.recover()
+        assert self.engine is not None and self.store is not None
+        engine = self.engine
+        await self.store.drop_leases()  # this process owns the folder: none can be live
+        repaired = await engine.recover()
         if repaired:
             log.info("shim: recovered %d uploads after a restart", repaired)
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        engine.outbox.start()
+        self._tasks = [
+            asyncio.create_task(every(SWEEP_INTERVAL, self._sweep, "the expiry sweep")),
+            asyncio.create_task(every(WRITE_LEASE_TTL / 3, engine.renew_leases, "lease renewal")),
+        ]
 
     async def done(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.sink.stop()
         if self.engine is not None:
-            self.engine.store.close()
+            await self.engine.outbox.stop()
+        if self.store is not None:
+            await self.store.close()
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            if self.engine is not None:
-                removed = self.engine.sweep()
-                if removed:
-                    log.info("shim: removed %d expired uploads", removed)
-            await asyncio.sleep(SWEEP_INTERVAL)
+    async def _sweep(self) -> None:
+        assert self.engine is not None
+        removed = await self.engine.sweep()
+        if removed:
+            log.info("shim: removed %d expired uploads", removed)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -189,16 +204,31 @@ class Shim:
             if command is None:
                 continue
             exchange = Exchange(self.engine, protocol, request, command)
-            await exchange.begin()
-            if exchange.declined:
-                self._note_declined(flow, protocol, command)
-                return None
-            exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
-            interim = exchange.interim
-            if interim is not None:
-                await send_interim(flow, interim.status, interim.reason or "", list(interim.headers))
+            if request.has_body and not isinstance(command, Forward | NeedBody):
+                exchange.start(partial(close_client, flow, "a newer request took over"),
+                               partial(self._send_interim, flow, exchange))
+                return _FlowState(exchange)
+            try:
+                await exchange.begin()
+                if exchange.declined:
+                    self._note_declined(flow, protocol, command)
+                    return None
+                exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
+                interim = exchange.interim
+                if interim is not None:
+                    await send_interim(flow, interim.status, interim.reason or "",
+                                       list(interim.headers))
+            except Exception:
+                await exchange.abort()  # whatever it began, it releases
+                raise
             return _FlowState(exchange)
         return None
+
+    @staticmethod
+    async def _send_interim(flow: http.HTTPFlow, exchange: Exchange) -> None:
+        interim = exchange.interim
+        if interim is not None:
+            await send_interim(flow, interim.status, interim.reason or "", list(interim.headers))
 
     @staticmethod
     def _note_declined(flow: http.HTTPFlow, protocol: Protocol, command: Command) -> None:
@@ -218,12 +248,12 @@ class Shim:
 
         def stream(data: bytes) -> list[bytes]:
             state.streamed = True
-            if state.exchange is not None:
+            if state.exchange is not None and state.reply is None:
                 try:
                     state.exchange.feed(data)
                 except Exception:
                     log.exception("shim: failed to store a chunk")
-                    state.exchange, state.reply = None, _internal_error()
+                    state.reply = _internal_error()
             return []  # never b"": with chunked encoding that would end the body early
 
         flow.request.stream = stream
@@ -246,8 +276,8 @@ class Shim:
             if command is None or isinstance(command, NeedBody):
                 return
             exchange = Exchange(self.engine, protocol, request, command)
-            await exchange.begin()
             flow.metadata[_STATE] = _FlowState(exchange)
+            await exchange.begin()
         except Exception:
             log.exception("shim: failed to decide on %s %s", flow.request.method, flow.request.path)
             flow.metadata[_STATE] = _FlowState(None, _internal_error())
@@ -260,20 +290,25 @@ class Shim:
         if isinstance(state, _FlowState) and state.streamed:
             await self._answer(flow, state)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        state = flow.metadata.get(_STATE)
+    async def error(self, flow: http.HTTPFlow) -> None:
+        state = flow.metadata.pop(_STATE, None)
         if isinstance(state, _FlowState) and state.exchange is not None:
             try:
-                state.exchange.abort()
+                await state.exchange.abort()
             except Exception:
                 log.exception("shim: failed to keep the bytes of an aborted request")
 
     async def _answer(self, flow: http.HTTPFlow, state: _FlowState) -> None:
-        reply = state.reply
-        if reply is None and state.exchange is not None:
-            reply = await _guarded(state.exchange.finish)
-        flow.response = _to_response(reply or _internal_error(), flow.request.method)
+        """The one place a claimed flow ends with an answer; the exchange's leases are
+        released here whatever happened before (Exchange.finish, or abort)."""
         flow.metadata.pop(_STATE, None)
+        reply = state.reply
+        exchange = state.exchange
+        if reply is None and exchange is not None:
+            reply = await _guarded(exchange.finish)
+        elif exchange is not None:
+            await _guarded_abort(exchange)
+        flow.response = _to_response(reply or _internal_error(), flow.request.method)
 
 
 def _protocols(config: shim_config.Config) -> list[Protocol]:
@@ -315,6 +350,19 @@ async def _guarded(step: Callable[[], Awaitable[Reply]]) -> Reply:
     except Exception:
         log.exception("shim: failed to finish a request")
         return _internal_error()
+
+
+def _close_later(store: LocalStore) -> None:
+    """A store replaced by a new configuration closes once the loop gets to it."""
+    with contextlib.suppress(RuntimeError):  # no loop yet: nothing was opened on a thread
+        asyncio.get_running_loop().create_task(store.close())
+
+
+async def _guarded_abort(exchange: Exchange) -> None:
+    try:
+        await exchange.abort()
+    except Exception:
+        log.exception("shim: failed to release an upload after an error")
 
 
 def _to_model(request: http.Request, tls: bool = False) -> Request:

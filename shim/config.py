@@ -120,7 +120,20 @@ class StorageConfig:
 @dataclass(frozen=True)
 class UpstreamConfig:
     timeout: float = 300.0
-    """Seconds to wait for the legacy server to connect, read and answer one delivery."""
+    """Idle timeout: seconds the legacy server may take to accept a connection, take the
+    next piece of the file, or send the next piece of its answer."""
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    wait: float = 30.0
+    """Seconds a client's final request waits for the delivery's outcome before 503 +
+    Retry-After (the delivery goes on; a retry or HEAD gets the outcome)."""
+    give_up_after: float = 86400.0
+    """Seconds after the first attempt when retries stop and the upload is FAILED."""
+    on_unknown: Literal["hold", "retry"] = "hold"
+    """The whole file was sent and no answer came: hold (FAILED, no second attempt) or retry
+    (at-least-once)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,7 @@ class Config:
     byteranges: ByterangesConfig = field(default_factory=ByterangesConfig)
     webdav: WebdavConfig = field(default_factory=WebdavConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     owner_header: str = "authorization"
     """Requests on an upload must carry the same value of this header as the one that made it."""
 
@@ -232,8 +246,11 @@ def _check(config: Config) -> None:
     ):
         if number < 0:
             raise ConfigError(f"{key}: must not be negative, not {number}")
-    if config.upstream.timeout <= 0:
-        raise ConfigError(f"upstream.timeout: must be positive, not {config.upstream.timeout}")
+    for key, seconds in (("upstream.timeout", config.upstream.timeout),
+                         ("delivery.wait", config.delivery.wait),
+                         ("delivery.give_up_after", config.delivery.give_up_after)):
+        if seconds <= 0:
+            raise ConfigError(f"{key}: must be positive, not {seconds}")
     if not config.tus.forward.field:
         raise ConfigError("tus.forward.field: must not be empty")
 

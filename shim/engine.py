@@ -1,8 +1,9 @@
-"""Protocol-agnostic upload logic: ownership, locks, offsets, limits, completion, delivery.
+"""Protocol-agnostic upload logic: ownership, write leases, offsets, limits, completion.
 
-Protocol modules decide *what* a request asks for; the engine does it, using the store for
-bytes and metadata and the upstream for the one delivery of a finished file. It never looks
-at HTTP headers and never touches a path on disk.
+Protocol modules decide *what* a request asks for; the engine does it through the `Store`
+interface and hands finished files to the `Outbox`. It never looks at HTTP headers and
+never touches a path on disk. Every change of a record is a compare-and-set save; every
+change of state goes through `shim.lifecycle.advance`.
 """
 
 from __future__ import annotations
@@ -13,20 +14,24 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from shim import errors
 from shim.errors import ShimError
+from shim.lifecycle import Event, IllegalTransition, State, advance
+from shim.model import Target, Upload
+from shim.outbox import Delivery, Outbox
+from shim.store import ChunkWriter, Conflict, Store, pieces, transition
 
 __all__ = ["Append", "Checksum", "Delivery", "Engine", "NewUpload", "ShimError", "new_upload_id"]
-from shim.model import Answer, Target, Upload
-from shim.store import ChunkWriter, Store
-from shim.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("shim.engine")
 
 CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "sha512")
+WRITE_LEASE_TTL = 60.0
+"""A write lease lapses this long after its last renewal (renewed every third of it)."""
 
 
 def new_upload_id() -> str:
@@ -56,48 +61,41 @@ class Checksum:
     digest: bytes
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """How handing the finished file to the legacy server went."""
-
-    answer: Answer | None
-    """The legacy server's answer, accepting or refusing; None when it gave none."""
-    problem: str = ""
-    code: str = "unreachable"
-    """Why there is no answer: "unreachable", or "digest-mismatch" (nothing was sent)."""
-
-    @property
-    def accepted(self) -> bool:
-        return self.answer is not None and self.answer.accepted
-
-
-_REFUSALS = frozenset({"too-large", "bad-request", "gap", "range"})
+_REFUSALS = frozenset({"too-large", "bad-request", "gap", "range", "conflict"})
 
 
 class Append:
-    """One request body being written to an upload. `feed` runs on the event loop."""
+    """One request body being written to an upload under a write lease. `feed` runs on the
+    event loop (mitmproxy's stream callback cannot await)."""
 
     def __init__(self, upload: Upload, writer: ChunkWriter, room: int | None,
-                 checksum: Checksum | None) -> None:
+                 checksum: Checksum | None, holder: str) -> None:
         self.upload = upload
         self.writer = writer
         self.room = room
+        """How many bytes past `writer.start` fit; None: no limit."""
         self.checksum = checksum
         self.hasher = hashlib.new(checksum.algorithm) if checksum else None
+        self.holder = holder
+        """Who holds the write lease (one per request)."""
         self.failure: ShimError | None = None
-        self.skip = 0
-        """Bytes at the start of the body that are stored already (a retried range)."""
+        self.compare = 0
+        """Bytes at the start of the body that are stored already: compared, not written."""
+        self.replaces = False
+        """The body starts at 0: if it differs from what is stored it is a new file."""
         self.interrupt: Callable[[], object] | None = None
         """Ends the request that carries this body; set by whoever owns the connection."""
         self.released = asyncio.Event()
+        self.digests: dict[str, str] = dict(upload.digests)
+        """Digests of the whole file to save once this body is accepted (RFC 9530)."""
 
     def feed(self, data: bytes) -> None:
-        if self.skip and data:
-            dropped = min(self.skip, len(data))
-            self.skip -= dropped
-            data = data[dropped:]
         if self.failure is not None or not data:
             return
+        if self.compare:
+            data = self._compare(data)
+            if not data:
+                return
         if self.room is not None and self.writer.written + len(data) > self.room:
             self.failure = errors.too_large("the body goes past the upload's length")
             return
@@ -109,15 +107,36 @@ class Append:
         if self.hasher is not None:
             self.hasher.update(data)
 
+    def _compare(self, data: bytes) -> bytes:
+        """Check the part of `data` that overlaps stored bytes; return what is left to write.
+
+        Equal bytes are skipped. Different ones: a body from 0 is a new file that replaces
+        the stored one from the first difference on; a later start is refused (409)."""
+        size = min(self.compare, len(data))
+        position = self.writer.position - self.compare
+        stored = self.writer.read_back_at(position, size)
+        if stored == data[:size]:
+            self.compare -= size
+            return data[size:]
+        if not self.replaces:
+            self.failure = ShimError("conflict", "the bytes sent differ from the bytes stored "
+                                     "at the same offsets", 409)
+            return b""
+        differs = next(i for i, (a, b) in enumerate(zip(stored, data[:size], strict=False))
+                       if a != b) if len(stored) == size else len(stored)
+        self.writer.rewind(position + differs)
+        self.compare = 0
+        return data[differs:]
+
     def seek(self, start: int) -> None:
         """The next bytes belong at `start` (a body with several ranges): at or before the
-        end written so far; what is stored already is skipped."""
-        position = self.writer.start + self.writer.written
+        end written so far; what is stored already is compared, not written again."""
+        position = self.writer.position
         if start > position:
             self.failure = ShimError("gap", f"a range starts at {start}, after the {position} "
                                      "bytes stored", 416)
         else:
-            self.skip = position - start
+            self.compare = self.writer.position - start
 
     @property
     def all_or_nothing(self) -> bool:
@@ -128,98 +147,111 @@ class Append:
 
 
 class Engine:
-    def __init__(self, store: Store, upstream: Upstream, min_free_bytes: int = 0,
+    def __init__(self, store: Store, outbox: Outbox, min_free_bytes: int = 0,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.upstream = upstream
+        self.outbox = outbox
         self.min_free_bytes = min_free_bytes
         self.clock = clock
-        self._active: dict[str, Append] = {}
-        self._delivering: dict[str, asyncio.Lock] = {}
+        self.instance = secrets.token_hex(8)
+        """Names this process as a lease holder."""
+        self._writers: dict[str, Append] = {}
+        """The bodies this process is writing, by upload id: whose requests a take-over ends."""
 
-    # --- lifecycle ------------------------------------------------------------------------
+    # --- records --------------------------------------------------------------------------
 
-    def create(self, new: NewUpload, key: str | None = None) -> Upload:
-        """A new upload; `key` names it for protocols that find uploads by URL, not by id."""
-        upload = self._create(new)
-        if key is not None:
-            self.store.link(key, upload.id)
-        return upload
-
-    def find(self, key: str, owner: str) -> Upload | None:
-        """The live upload last created under `key`, if any."""
-        upload_id = self.store.resolve(key)
-        if upload_id is None:
-            return None
+    async def change(self, upload: Upload, event: Event | None = None, **changes: Any) -> Upload:
+        """A compare-and-set save through the lifecycle (`shim.store.transition`); gone()
+        when the upload vanished meanwhile."""
         try:
-            return self.get(upload_id, owner)
-        except ShimError:
-            return None
+            return await transition(self.store, upload, event, **changes)
+        except Conflict:
+            raise errors.gone("the upload was removed meanwhile") from None
 
-    def _create(self, new: NewUpload) -> Upload:
+    async def create(self, new: NewUpload, key: str | None = None, previous: str | None = None
+                     ) -> Upload:
+        """A new upload; `key` names it for protocols that find uploads by URL, not by id."""
         if new.max_size and new.length is not None and new.length > new.max_size:
             raise errors.too_large(f"the upload is larger than the limit of {new.max_size} bytes")
         now = self.clock()
-        upload = Upload(
-            id=new.id, protocol=new.protocol, owner=new.owner,
-            length=new.length, metadata=dict(new.metadata), target=new.target, parts=new.parts,
-            created=now, updated=now, expires=now + new.expiration if new.expiration else None,
-            digests=dict(new.digests),
-        )
-        self.store.save(upload)
+        upload = await self.store.save(Upload(
+            id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
+            metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
+            updated=now, expires_after=new.expiration, digests=dict(new.digests),
+            previous=previous))
+        if key is not None:
+            await self.store.link(key, upload.id)
         return upload
 
-    def get(self, upload_id: str, owner: str) -> Upload:
+    async def find(self, key: str, owner: str) -> Upload | None:
+        """The live upload last created under `key`, if any."""
+        upload_id = await self.store.resolve(key)
+        if upload_id is None:
+            return None
+        try:
+            return await self.get(upload_id, owner)
+        except ShimError:
+            return None
+
+    async def get(self, upload_id: str, owner: str) -> Upload:
         """The upload, if it exists, is alive and belongs to `owner`."""
-        upload = self.store.load(upload_id)
+        upload = await self.store.load(upload_id)
         if upload is None:
             raise errors.not_found()
         if upload.owner != owner:
             raise errors.forbidden("this upload was created with other credentials")
-        if upload.terminated:
-            raise errors.gone("the upload was terminated")
-        if upload.expires is not None and upload.expires < self.clock():
-            self.store.remove(upload.id)
+        if upload.gone:
+            raise errors.gone(f"the upload was {upload.state}")
+        expires = upload.expires
+        if expires is not None and expires < self.clock() and upload.id not in self._writers:
+            await self._expire(upload)
             raise errors.gone("the upload has expired")
         return upload
 
-    def in_progress(self, key_prefix: str, owner: str) -> list[tuple[str, Upload]]:
+    async def in_progress(self, key_prefix: str, owner: str) -> list[tuple[str, Upload]]:
         """The live, unfinished uploads whose keys start with `key_prefix`, with their keys."""
         found = []
-        for key, upload_id in self.store.links(key_prefix):
-            upload = self.store.load(upload_id)
-            if upload is None or upload.owner != owner or upload.terminated or upload.delivered:
+        for key, upload_id in await self.store.links(key_prefix):
+            upload = await self.store.load(upload_id)
+            if upload is None or upload.owner != owner or not upload.receiving:
                 continue
-            if upload.expires is not None and upload.expires < self.clock():
+            expires = upload.expires
+            if expires is not None and expires < self.clock():
                 continue
             found.append((key, upload))
         return found
 
     def offset_of(self, upload: Upload) -> int:
-        """Bytes stored, including those of a running body that will be kept whatever happens."""
-        active = self._active.get(upload.id)
-        if active is None or active.all_or_nothing:
+        """Bytes stored: the record's, or those a running body has already handed to the OS
+        (they survive a crash, so the offset never goes back), unless that body is kept
+        whole or not at all."""
+        active = self._writers.get(upload.id)
+        if active is None or active.all_or_nothing or active.compare:
             return upload.offset
-        return upload.offset + active.writer.written
+        return active.writer.position
 
-    def terminate(self, upload: Upload) -> None:
-        self._refuse_if_busy(upload)
-        self.store.discard_data(upload.id)
-        self.store.save(replace(upload, terminated=True, offset=0))
+    async def terminate(self, upload: Upload) -> None:
+        """End an upload for good (tus/IETF DELETE, a new file replacing it)."""
+        if upload.id in self._writers:
+            raise errors.locked()
+        try:
+            await self.change(upload, Event.TERMINATE, offset=0, updated=self.clock())
+        except IllegalTransition:
+            raise ShimError("delivering", "the upload is being delivered and cannot be "
+                            "cancelled now", 409) from None
+        if not upload.parts:
+            await self.store.discard(upload.id)
 
-    def expect_digests(self, upload: Upload, digests: dict[str, str]) -> Upload:
-        """Remember digests of the whole file (RFC 9530 Repr-Digest); they must not change."""
+    async def expect_digests(self, upload: Upload, digests: dict[str, str]) -> dict[str, str]:
+        """Check digests of the whole file (RFC 9530 Repr-Digest) against known ones; the
+        merged set, to be saved only once the request is accepted."""
         for algorithm, digest in digests.items():
             known = upload.digests.get(algorithm)
             if known is not None and known != digest:
                 raise errors.bad_request(f"the {algorithm} digest of the upload changed")
-        if digests.items() <= upload.digests.items():
-            return upload
-        upload = replace(upload, digests={**upload.digests, **digests})
-        self.store.save(upload)
-        return upload
+        return {**upload.digests, **digests}
 
-    def declare_length(self, upload: Upload, length: int, max_size: int) -> Upload:
+    async def declare_length(self, upload: Upload, length: int, max_size: int) -> Upload:
         """Fix a deferred length (tus creation-defer-length; IETF Upload-Length)."""
         if upload.length is not None:
             if upload.length != length:
@@ -230,78 +262,116 @@ class Engine:
             raise errors.bad_request(f"length {length} is less than the {upload.offset} bytes stored")
         if max_size and length > max_size:
             raise errors.too_large(f"the upload is larger than the limit of {max_size} bytes")
-        upload = replace(upload, length=length)
-        self.store.save(upload)
-        return upload
+        return await self.change(upload, length=length)
 
-    # --- appending ------------------------------------------------------------------------
+    # --- writing --------------------------------------------------------------------------
 
-    def begin_append(self, upload: Upload, offset: int, body_length: int | None,
-                     checksum: Checksum | None = None, max_size: int = 0) -> Append:
-        """Check an append before its body arrives and open the data file at `offset`."""
+    async def begin_append(self, upload: Upload, offset: int, body_length: int | None,
+                           checksum: Checksum | None = None, max_size: int = 0,
+                           digests: dict[str, str] | None = None) -> Append:
+        """Check an append before its body arrives, take the write lease, open the file."""
         self._refuse_if_busy(upload)
-        if upload.delivered or upload.parts:
+        if not upload.receiving or upload.parts:
             raise ShimError("completed", "the upload is already complete", 403)
         if offset != upload.offset:
             raise errors.offset_mismatch(upload.offset, offset)
+        return await self._open(upload, upload.offset, body_length, checksum, max_size, digests)
+
+    async def begin_range(self, upload: Upload, start: int, body_length: int | None,
+                          max_size: int = 0) -> Append:
+        """Write a body that starts at `start`, at or before the stored end: the stored bytes
+        it overlaps are compared as they arrive (equal: skipped; different: a new file when
+        `start` is 0, else 409); a start past the end would leave a gap and is refused
+        (seed 000; draft-wright-http-partial-upload, "Security Considerations")."""
+        self._refuse_if_busy(upload)
+        if start > upload.offset:
+            raise ShimError("gap", f"{upload.offset} bytes are stored; a range must start at or "
+                            f"before {upload.offset}, not at {start}", 416)
+        if not upload.receiving:
+            raise ShimError("completed", "the upload is already complete", 403)
+        overlap = upload.offset - start
+        remaining = None if body_length is None else max(0, body_length - overlap)
+        append = await self._open(upload, upload.offset, remaining, None, max_size, None)
+        append.compare = overlap
+        append.replaces = start == 0
+        return append
+
+    async def _open(self, upload: Upload, offset: int, body_length: int | None,
+                    checksum: Checksum | None, max_size: int,
+                    digests: dict[str, str] | None) -> Append:
         room = upload.length - offset if upload.length is not None else None
         if room is None and max_size:
             room = max_size - offset
         if room is not None and body_length is not None and body_length > room:
             raise errors.too_large(f"the body of {body_length} bytes goes past the upload's length")
         needed = self.min_free_bytes + (body_length or 0)
-        if self.store.free_bytes() < needed:
+        if await self.store.free_bytes() < needed:
             raise errors.insufficient_storage("the shim's disk is too full to store more")
-        if checksum is not None:
-            upload = replace(upload, unverified_from=offset)
-            self.store.save(upload)
-        append = Append(upload, self.store.writer(upload.id, offset), room, checksum)
-        self._active[upload.id] = append
-        return append
-
-    def begin_range(self, upload: Upload, start: int, body_length: int | None,
-                    max_size: int = 0) -> Append | None:
-        """Write a body that starts at `start`, at or before the stored end: the bytes already
-        stored are skipped, never written twice; a start past the end would leave a gap and is
-        refused (seed 000; draft-wright-http-partial-upload, "Security Considerations")."""
-        if start > upload.offset:
-            raise ShimError("gap", f"{upload.offset} bytes are stored; a range must start at or "
-                            f"before {upload.offset}, not at {start}", 416)
-        skip = upload.offset - start
-        if body_length is not None and body_length <= skip:
-            return None
-        remaining = None if body_length is None else body_length - skip
-        append = self.begin_append(upload, upload.offset, remaining, max_size=max_size)
-        append.skip = skip
+        holder = f"{self.instance}:{secrets.token_hex(4)}"
+        if not await self.store.acquire(f"write:{upload.id}", holder, WRITE_LEASE_TTL):
+            raise errors.locked()
+        try:
+            if checksum is not None:
+                upload = await self.change(upload, unverified_from=offset)
+            writer = await self.store.open_writer(upload.id, offset)
+        except BaseException:
+            await self.store.release(f"write:{upload.id}", holder)
+            raise
+        append = Append(upload, writer, room, checksum, holder)
+        append.digests = digests or upload.digests
+        self._writers[upload.id] = append
         return append
 
     async def finish_append(self, append: Append) -> Upload:
         """The body ended: verify it, make it durable, commit the new offset."""
-        try:
-            if append.failure is None:
-                await asyncio.to_thread(append.writer.sync)
-        except OSError as exc:
-            append.failure = errors.insufficient_storage(f"cannot store the body: {exc.strerror}")
         failure = append.failure
         if failure is None and append.checksum is not None:
             assert append.hasher is not None
             if append.hasher.digest() != append.checksum.digest:
                 failure = errors.checksum_mismatch(append.checksum.algorithm)
-        upload = self._commit(append, keep=failure is None or not append.all_or_nothing)
+        accepted = {"digests": append.digests} if failure is None else {}
+        upload = await self.end_write(append, failure is None or not append.all_or_nothing,
+                                      **accepted)
         if failure is not None:
             raise failure
         return upload
 
-    def abort_append(self, append: Append) -> Upload:
+    async def abort_append(self, append: Append) -> Upload:
         """The client went away mid-body: keep what arrived unless it must be all or nothing."""
-        return self._commit(append, keep=not append.all_or_nothing)
+        return await self.end_write(append, keep=not append.all_or_nothing)
+
+    async def end_write(self, append: Append, keep: bool, **accepted: Any) -> Upload:
+        """The one release path of a write lease: commit (or drop) the body's bytes, save the
+        offset, close the file and give the lease up, whatever raises on the way."""
+        upload_id = append.upload.id
+        if self._writers.get(upload_id) is append:
+            del self._writers[upload_id]
+        else:
+            return append.upload  # ended already
+        try:
+            size = append.writer.position if keep else append.writer.start
+            if append.upload.length is not None:
+                size = min(size, append.upload.length)
+            try:
+                stored = await self.store.close_writer(upload_id, append.writer, size, sync=keep)
+            except OSError as exc:
+                log.warning("upload %s: storing the body failed (%s); keeping what reached "
+                            "the disk", upload_id, exc)
+                stored = append.writer.start
+                append.failure = append.failure or errors.insufficient_storage(
+                    f"cannot store the body: {exc.strerror}")
+            return await self.change(append.upload, offset=min(stored, size),
+                                     unverified_from=None, updated=self.clock(), **accepted)
+        finally:
+            await self.store.release(f"write:{upload_id}", append.holder)
+            append.released.set()
 
     async def take_over(self, upload_id: str, timeout: float = 10.0) -> None:
         """End a body still arriving for this upload and wait until its bytes are committed.
 
         A client that lost its connection often comes back before the shim has noticed; the
         IETF draft ("Concurrency") recommends that the new request end the earlier one."""
-        active = self._active.get(upload_id)
+        active = self._writers.get(upload_id)
         if active is None or active.interrupt is None:
             return
         active.interrupt()
@@ -310,163 +380,161 @@ class Engine:
         except TimeoutError:
             log.warning("upload %s: the earlier request did not end in %ss", upload_id, timeout)
 
-    def _commit(self, append: Append, keep: bool) -> Upload:
-        upload_id = append.upload.id
-        if self._active.get(upload_id) is append:
-            del self._active[upload_id]
-        append.released.set()
-        try:
-            append.writer.close()
-        except OSError:
-            log.warning("flushing upload %s failed; keeping what reached the disk", upload_id)
-        upload = self.store.load(upload_id) or append.upload
-        stored = self.store.size(upload_id) if keep else append.writer.start
-        if upload.length is not None:
-            stored = min(stored, upload.length)
-        self.store.truncate(upload_id, stored)
-        upload = replace(upload, offset=stored, unverified_from=None, updated=self.clock(),
-                         expires=self._renewed(upload))
-        self.store.save(upload)
-        return upload
-
-    def _renewed(self, upload: Upload) -> float | None:
-        if upload.expires is None:
-            return None
-        return self.clock() + (upload.expires - upload.created)
-
     def _refuse_if_busy(self, upload: Upload) -> None:
-        if upload.id in self._active:
+        if upload.id in self._writers:
             raise errors.locked()
+
+    async def renew_leases(self) -> None:
+        """Keep the write leases of running bodies from lapsing."""
+        for upload_id, append in list(self._writers.items()):
+            await self.store.acquire(f"write:{upload_id}", append.holder, WRITE_LEASE_TTL)
 
     # --- concatenation (tus "concatenation"; several partial uploads make one file) ---------
 
-    def concatenate(self, new: NewUpload) -> Upload:
+    async def concatenate(self, new: NewUpload) -> Upload:
         """Create an upload made of `new.parts`, or return the one already made of them."""
         key = "concat:" + " ".join(new.parts)
-        existing_id = self.store.resolve(key)
-        existing = self.store.load(existing_id) if existing_id else None
-        if existing is not None and existing.owner == new.owner and not existing.terminated:
+        existing_id = await self.store.resolve(key)
+        existing = await self.store.load(existing_id) if existing_id else None
+        if existing is not None and existing.owner == new.owner and not existing.gone:
             return existing
-        parts = [self.get(part_id, new.owner) for part_id in new.parts]
+        parts = [await self.get(part_id, new.owner) for part_id in new.parts]
         if any(part.parts or part.target is not None for part in parts):
             raise errors.bad_request("only partial uploads can be concatenated")
-        upload = self.create(replace(new, length=None))  # refresh() sums the parts
-        self.store.link(key, upload.id)
+        upload = await self.create(replace(new, length=None), key)  # refresh() sums the parts
         for part in parts:
-            self.store.link(f"part-of:{part.id}", upload.id)
-        return self.refresh(upload)
+            await self.store.link(f"part-of:{part.id}:{upload.id}", upload.id)
+        return await self.refresh(upload)
 
-    def refresh(self, upload: Upload) -> Upload:
+    async def refresh(self, upload: Upload) -> Upload:
         """Bring a concatenated upload's length and offset up to date with its parts."""
-        if not upload.parts or upload.delivered:
+        if not upload.parts or not upload.receiving:
             return upload
-        parts = [self.store.load(part_id) for part_id in upload.parts]
-        if any(part is None or part.terminated for part in parts):
+        parts = [await self.store.load(part_id) for part_id in upload.parts]
+        if any(part is None or part.gone for part in parts):
             raise errors.gone("a part of this upload was terminated or has expired")
         lengths = [part.length for part in parts if part is not None]
         length = sum(n for n in lengths if n is not None) if None not in lengths else None
         offset = sum(part.offset for part in parts if part is not None)
         if (length, offset) != (upload.length, upload.offset):
-            upload = replace(upload, length=length, offset=offset)
-            self.store.save(upload)
+            upload = await self.change(upload, length=length, offset=offset)
         return upload
 
-    def whole_of(self, part: Upload) -> Upload | None:
-        """The concatenated upload that `part` belongs to, if any."""
-        whole_id = self.store.resolve(f"part-of:{part.id}")
-        whole = self.store.load(whole_id) if whole_id else None
-        return self.refresh(whole) if whole is not None and not whole.terminated else None
+    async def wholes_of(self, part: Upload) -> list[Upload]:
+        """The concatenated uploads `part` belongs to."""
+        wholes = []
+        for _, whole_id in await self.store.links(f"part-of:{part.id}:"):
+            whole = await self.store.load(whole_id)
+            if whole is not None and not whole.gone:
+                wholes.append(await self.refresh(whole))
+        return wholes
 
-    # --- delivery -------------------------------------------------------------------------
+    # --- completion and delivery ----------------------------------------------------------
 
-    async def deliver(self, upload: Upload) -> Delivery:
-        """Send the finished file to the legacy server, at most once successfully."""
-        lock = self._delivering.setdefault(upload.id, asyncio.Lock())
-        async with lock:
-            current = self.store.load(upload.id) or upload
-            if current.answer is not None:
-                return Delivery(current.answer)
-            if not current.complete or current.target is None or current.length is None:
-                raise ShimError("incomplete", "the upload is not complete", 409)
-            mismatch = await self._digest_mismatch(current)
-            if mismatch:
-                self.store.discard_data(current.id)
-                self.store.save(replace(current, terminated=True))
-                return Delivery(None, mismatch, "digest-mismatch")
-            delivery = await self._send(current)
-            if delivery.accepted:
-                self.store.save(replace(current, answer=delivery.answer, refusal=None))
-                for upload_id in current.parts or (current.id,):
-                    self.store.discard_data(upload_id)
-            elif delivery.answer is not None:
-                self.store.save(replace(current, refusal=delivery.answer))
-        return delivery
+    async def settle(self, upload: Upload) -> Upload:
+        """A complete upload that is still RECEIVING goes to the outbox: unless its digests
+        do not match (it is terminated, never delivered) or it repeats the bytes of the file
+        delivered just before under the same key (it takes that file's answer)."""
+        if not upload.receiving or not upload.complete or upload.target is None:
+            return upload
+        mismatch = await self._digest_mismatch(upload)
+        if mismatch:
+            await self.terminate(upload)
+            raise ShimError("digest-mismatch", mismatch, 400)
+        duplicate = await self._duplicate_of(upload)
+        if duplicate is not None:
+            upload = await self.change(upload, Event.DUPLICATE, answer=duplicate.answer,
+                                       sha256=duplicate.sha256, updated=self.clock())
+            await self.store.discard(upload.id)
+            return upload
+        upload = await self.change(upload, Event.COMPLETE, next_attempt=self.clock(),
+                                   updated=self.clock())
+        self.outbox.kick()
+        return upload
 
-    async def _send(self, upload: Upload) -> Delivery:
-        assert upload.target is not None and upload.length is not None
-        ids, sizes = self._pieces(upload)
-        try:
-            answer = await self.upstream.send(upload.target, upload.length, self.store.read(ids, sizes))
-        except UpstreamError as exc:
-            log.warning("delivery of upload %s failed: %s", upload.id, exc)
-            return Delivery(None, str(exc))
-        log.info("delivered upload %s: legacy server answered %d", upload.id, answer.status)
-        return Delivery(answer)
+    async def await_delivery(self, upload: Upload) -> Delivery:
+        """The legacy server's answer, or why there is none yet (never a second attempt)."""
+        return await self.outbox.outcome(upload.id)
+
+    async def _duplicate_of(self, upload: Upload) -> Upload | None:
+        if upload.previous is None:
+            return None
+        previous = await self.store.load(upload.previous)
+        if previous is None or previous.state is not State.DELIVERED or \
+                previous.sha256 is None or previous.length != upload.length:
+            return None
+        digest = hashlib.sha256()
+        ids, sizes = await self.pieces(upload)
+        async for chunk in self.store.read(ids, sizes):
+            digest.update(chunk)
+        return previous if digest.hexdigest() == previous.sha256 else None
 
     async def _digest_mismatch(self, upload: Upload) -> str:
         """Check the expected digests over the stored file; an empty string when they match."""
         if not upload.digests:
             return ""
         hashers = {name: hashlib.new(name) for name in upload.digests}
-        ids, sizes = self._pieces(upload)
+        ids, sizes = await self.pieces(upload)
         async for chunk in self.store.read(ids, sizes):
             for hasher in hashers.values():
-                hasher.update(chunk)
+                await asyncio.to_thread(hasher.update, chunk)
         for name, hasher in hashers.items():
             if base64.b64encode(hasher.digest()).decode() != upload.digests[name]:
                 log.warning("upload %s: %s digest mismatch; not delivered", upload.id, name)
                 return f"the {name} digest of the uploaded file does not match the one announced"
         return ""
 
-    def _pieces(self, upload: Upload) -> tuple[list[str], list[int]]:
-        if not upload.parts:
-            return [upload.id], [upload.offset]
-        parts = [self.store.load(part_id) for part_id in upload.parts]
-        return list(upload.parts), [part.offset if part else 0 for part in parts]
+    async def pieces(self, upload: Upload) -> tuple[list[str], list[int]]:
+        return await pieces(self.store, upload)
 
     # --- housekeeping ---------------------------------------------------------------------
 
-    def recover(self) -> int:
-        """After a restart: commit bytes that reached the disk, drop unverified ones."""
+    async def recover(self) -> int:
+        """At start-up: commit bytes that reached the disk, drop unverified ones."""
         repaired = 0
-        for upload_id in self.store.ids():
-            upload = self.store.load(upload_id)
-            if upload is None or upload.delivered or upload.terminated or upload.parts:
+        for upload_id in await self.store.ids():
+            upload = await self.store.load(upload_id)
+            if upload is None or not upload.receiving or upload.parts:
                 continue
-            stored = self.store.size(upload_id)
+            stored = await self.store.size(upload_id)
             if upload.unverified_from is not None:
-                self.store.truncate(upload_id, upload.unverified_from)
-                upload = replace(upload, offset=upload.unverified_from, unverified_from=None)
-            elif stored != upload.offset:
-                limit = upload.length if upload.length is not None else stored
-                upload = replace(upload, offset=min(stored, limit))
+                await self.store.truncate(upload_id, upload.unverified_from)
+                offset = upload.unverified_from
             else:
-                continue
-            self.store.save(upload)
-            repaired += 1
+                limit = upload.length if upload.length is not None else stored
+                offset = max(upload.offset, min(stored, limit))
+            if (offset, upload.unverified_from) != (upload.offset, None):
+                await self.change(upload, offset=offset, unverified_from=None)
+                repaired += 1
         return repaired
 
-    def sweep(self) -> int:
-        """Remove uploads whose expiry has passed (finished ones too: their replay window)."""
-        now = self.clock()
+    async def sweep(self, limit: int = 500) -> int:
+        """Remove uploads whose expiry passed, found through the expiry index."""
         removed = 0
-        for upload_id in self.store.ids():
-            upload = self.store.load(upload_id)
-            if upload and upload.expires is not None and upload.expires < now \
-                    and upload_id not in self._active:
-                self.store.remove(upload_id)
+        for upload_id in await self.store.expired(self.clock(), limit):
+            upload = await self.store.load(upload_id)
+            expires = upload.expires if upload is not None else None
+            if upload is None or expires is None or expires >= self.clock() \
+                    or upload_id in self._writers:
+                continue
+            try:
+                await self._expire(upload)
                 removed += 1
-        for key, upload_id in self.store.links(""):
-            if self.store.load(upload_id) is None:
-                self.store.unlink(key)  # the key named an upload that is gone
+            except (Conflict, IllegalTransition, ShimError):
+                continue  # it changed meanwhile (or is being delivered): not expired
         return removed
+
+    async def _expire(self, upload: Upload) -> None:
+        """EXPIRED, then forgotten: the record goes (its version checked), and its bytes."""
+        expired = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
+        await self.store.remove(expired)
+
+
+async def every(interval: float, step: Callable[[], Awaitable[object]], name: str) -> None:
+    """Run `step` every `interval` seconds for ever; an error is logged, never fatal."""
+    while True:
+        try:
+            await step()
+        except Exception:
+            log.exception("shim: %s failed; trying again in %.0fs", name, interval)
+        await asyncio.sleep(interval)

@@ -8,8 +8,10 @@ commands mean is fixed in `shim.commands`, how the answer looks is the protocol'
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from shim import commands as c
 from shim import engine as e
@@ -21,31 +23,34 @@ from shim.wire import ContentRange
 
 log = logging.getLogger("shim.exchange")
 
+EARLY_LIMIT = 64 * 1024 * 1024
+"""Body bytes held in memory while a request's upload is still being looked up."""
+
 
 UploadCommand = c.Append | c.Inspect | c.Cancel | c.WriteRange | c.WriteSegments
 
 
-def _lookup(engine: e.Engine, command: UploadCommand) -> Upload | None:
+async def _lookup(engine: e.Engine, command: UploadCommand) -> Upload | None:
     """The upload a command names: by id (404/410/403 when it cannot have it) or by key
     (None when there is none)."""
     if command.upload_id:
-        return engine.get(command.upload_id, command.owner)
-    return engine.find(command.key, command.owner) if command.key else None
+        return await engine.get(command.upload_id, command.owner)
+    return await engine.find(command.key, command.owner) if command.key else None
 
 
-def _superseding(engine: e.Engine, command: c.Command) -> str | None:
+async def _superseding(engine: e.Engine, command: c.Command) -> str | None:
     """The upload whose running request this command ends before it starts: every write and
     cancel does, an inspection only when its protocol says so. Only the owner may end one:
     the lookup refuses anybody else before anything is interrupted."""
     if isinstance(command, c.Append | c.Cancel | c.WriteRange | c.WriteSegments) or (
             isinstance(command, c.Inspect) and command.take_over):
-        upload = _lookup(engine, command)
+        upload = await _lookup(engine, command)
         return upload.id if upload is not None else None
     return None
 
 
-def _required(engine: e.Engine, command: UploadCommand) -> Upload:
-    upload = _lookup(engine, command)
+async def _required(engine: e.Engine, command: UploadCommand) -> Upload:
+    upload = await _lookup(engine, command)
     if upload is None:
         raise errors.not_found()
     return upload
@@ -69,98 +74,147 @@ class Exchange:
         """The request turned out not to be the shim's: it passes through untouched."""
         self.created = False
         """This request's body made the upload (a byte-range body names it only inside)."""
+        self.previous: str | None = None
+        """The delivered upload a new one under the same key may repeat."""
+        self._interrupt: Callable[[], object] | None = None
+        self._begun: asyncio.Future[None] | None = None
+        self._early: list[bytes] = []
+        self._early_bytes = 0
+        self._segments: asyncio.Queue[bytes | None] | None = None
+        self._segments_task: asyncio.Future[None] | None = None
 
     async def begin(self) -> None:
         """Do what must happen before the body arrives; remember a refusal for `finish`."""
         try:
-            upload_id = _superseding(self.engine, self.command)
+            upload_id = await _superseding(self.engine, self.command)
             if upload_id is not None:
                 await self.engine.take_over(upload_id)
-            self._begin()
+            await self._begin()
         except ShimError as exc:
             self.error = exc
+        if self.append is not None:
+            self.append.interrupt = self._interrupt
 
-    def _begin(self) -> None:
+    def start(self, interrupt: Callable[[], object],
+              then: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Begin in the background, so the hook that saw the request head returns at once:
+        mitmproxy drops the body of a client that leaves while that hook still runs. Chunks
+        that arrive meanwhile wait in memory (at most EARLY_LIMIT bytes) until it is done;
+        `then` runs after it (the 1xx is sent from there)."""
+        self._interrupt = interrupt
+
+        async def run() -> None:
+            await self.begin()
+            self._feed_early()
+            if then is not None and self.error is None:
+                await then()
+
+        self._begun = asyncio.ensure_future(run())
+
+    async def _settled_begin(self) -> None:
+        """Wait for a background `begin`; whatever it raised is this request's failure."""
+        if self._begun is None:
+            return
+        begun, self._begun = self._begun, None
+        try:
+            await begun
+        finally:
+            self._feed_early()
+
+    def _feed_early(self) -> None:
+        early, self._early = self._early, []
+        for data in early:
+            self._feed(data)
+
+    async def _begin(self) -> None:
         command = self.command
         if isinstance(command, c.Refuse):
             raise command.error
         if isinstance(command, c.Open):
-            self.upload = self.engine.create(command.new)
+            self.upload = await self.engine.create(command.new)
             if command.with_body:
-                self.append = self.engine.begin_append(
+                self.append = await self.engine.begin_append(
                     self.upload, 0, self.request.body_length, command.checksum,
                     command.new.max_size)
         elif isinstance(command, c.Forward | c.NeedBody):
             self.declined = True
         elif isinstance(command, c.Inspect) and command.pass_if_missing:
-            found = _lookup(self.engine, command)
+            found = await _lookup(self.engine, command)
             self.declined = found is None or found.delivered  # nothing in progress here
         elif isinstance(command, c.Append):
-            upload = _required(self.engine, command)
-            if command.digests:
-                upload = self.engine.expect_digests(upload, command.digests)
-            if command.declared_length is not None:
-                upload = self.engine.declare_length(upload, command.declared_length,
-                                                    command.max_size)
-            self.upload = upload
-            if upload.complete and not self.request.has_body and command.offset == upload.offset:
-                return  # a retried final request: finish() replays or retries the delivery
-            self.append = self.engine.begin_append(
-                upload, command.offset, self.request.body_length, command.checksum,
-                command.max_size)
+            await self._begin_append(command)
         elif isinstance(command, c.WriteRange):
-            self._begin_range(command)
+            await self._begin_range(command)
         elif isinstance(command, c.WriteSegments):
-            self._begin_segments(command)
+            await self._begin_segments(command)
 
-    def _begin_segments(self, command: c.WriteSegments) -> None:
-        found = _lookup(self.engine, command)
+    async def _begin_append(self, command: c.Append) -> None:
+        upload = await _required(self.engine, command)
+        digests = await self.engine.expect_digests(upload, command.digests)
+        if command.declared_length is not None:
+            upload = await self.engine.declare_length(upload, command.declared_length,
+                                                      command.max_size)
+        self.upload = upload
+        if upload.complete and not self.request.has_body and command.offset == upload.offset:
+            return  # a retried final request: finish() reports the delivery's outcome
+        self.append = await self.engine.begin_append(
+            upload, command.offset, self.request.body_length, command.checksum,
+            command.max_size, digests)
+
+    async def _begin_segments(self, command: c.WriteSegments) -> None:
+        found = await _lookup(self.engine, command)
         if found is not None and command.if_none_match and not found.delivered:
             raise ShimError("precondition", "If-None-Match: * but an upload of this "
                             "resource is in progress", 412)
         self.upload = found if found is not None and not found.delivered else None
+        self.previous = found.id if found is not None and found.delivered else None
 
-    def _start_segment(self, command: c.WriteSegments, chunk: ContentRange) -> None:
+    async def _start_segment(self, command: c.WriteSegments, chunk: ContentRange) -> None:
         """A range begins in the body: find or make its upload, fix the length, go there."""
         upload = self.upload
         if upload is None:
             if chunk.start != 0:
                 raise ShimError("gap", f"nothing is stored; a first range must start at 0, "
                                 f"not at {chunk.start}", 416)
-            upload = self.upload = self.engine.create(command.new, command.key)
+            upload = self.upload = await self.engine.create(command.new, command.key,
+                                                            self.previous)
             self.created = True
         if chunk.total is not None and (upload.length is None or self.append is None):
-            upload = self.upload = self.engine.declare_length(upload, chunk.total,
-                                                              command.max_size)
+            upload = self.upload = await self.engine.declare_length(upload, chunk.total,
+                                                                    command.max_size)
         elif chunk.total is not None and upload.length != chunk.total:
             raise errors.bad_request(f"the ranges disagree on the total: {chunk.total}")
         if self.append is None:
             assert chunk.start is not None
-            self.append = self.engine.begin_range(upload, chunk.start, None, command.max_size)
+            self.append = await self.engine.begin_range(upload, chunk.start, None,
+                                                        command.max_size)
         else:
             assert chunk.start is not None
             self.append.seek(chunk.start)
 
-    def _begin_range(self, command: c.WriteRange) -> None:
-        upload = self._range_upload(command)
-        if upload is None or upload.delivered:
-            return  # an inquiry about nothing, or a retry of a delivered file: finish() replies
+    async def _begin_range(self, command: c.WriteRange) -> None:
+        upload = await self._range_upload(command)
+        if upload is None or not upload.receiving:
+            # An inquiry about nothing, or a retry while the file is delivered or after:
+            # finish() reports the delivery's outcome; nothing is written or sent again.
+            return
         if command.total is not None:
-            upload = self.engine.declare_length(upload, command.total, command.max_size)
+            upload = await self.engine.declare_length(upload, command.total, command.max_size)
         self.upload = upload
         if command.start is not None:
-            self.append = self.engine.begin_range(upload, command.start, self.request.body_length,
-                                                  command.max_size)
+            self.append = await self.engine.begin_range(
+                upload, command.start, self.request.body_length, command.max_size)
 
-    def _range_upload(self, command: c.WriteRange) -> Upload | None:
+    async def _range_upload(self, command: c.WriteRange) -> Upload | None:
         """The upload a range belongs to; a new one only for a range that starts at 0."""
-        upload = _lookup(self.engine, command)
-        if upload is not None and command.restart and command.start == 0 and not upload.delivered:
-            self.engine.terminate(upload)  # a whole new file replaces the one in progress
+        upload = await _lookup(self.engine, command)
+        if upload is not None and command.restart and command.start == 0 and upload.receiving:
+            await self.engine.terminate(upload)  # a whole new file replaces the one in progress
             upload = None
         fresh = upload is None or (upload.delivered and command.start == 0)
         if fresh and command.start == 0 and command.new is not None:
-            upload = self.engine.create(command.new, command.key)
+            previous = upload.id if upload is not None else None
+            upload = await self.engine.create(command.new, command.key, previous)
         elif upload is None and command.start:
             raise e.ShimError("gap", f"nothing is stored; a range must start at 0, not at "
                               f"{command.start}", 416)
@@ -176,27 +230,58 @@ class Exchange:
 
     def on_interrupt(self, interrupt: Callable[[], object]) -> None:
         """How to end this request when a newer one on the same upload arrives."""
+        self._interrupt = interrupt
         if self.append is not None:
             self.append.interrupt = interrupt
 
     def feed(self, data: bytes) -> None:
-        """One chunk of the body; dropped when the request was refused before its body."""
+        """One chunk of the body (mitmproxy's stream callback cannot await); dropped when the
+        request was refused before its body. A byte-range body may have to create its upload
+        mid-body, so its chunks go through a queue that one task works off in order."""
+        if (self._begun is not None and not self._begun.done()) or self._early:
+            self._early_bytes += len(data)
+            if self._early_bytes > EARLY_LIMIT:
+                self.error = self.error or ShimError(
+                    "busy", "the upload was not ready for the body in time", 503)
+            else:
+                self._early.append(data)
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         command = self.command
         if isinstance(command, c.WriteSegments):
             if self.error is None:
-                self._feed_segments(command, data)
+                self._segments_queue().put_nowait(data)
         elif self.append is not None:
             self.append.feed(data)
 
-    def _feed_segments(self, command: c.WriteSegments, data: bytes) -> None:
-        try:
-            for event in command.decoder.feed(data) if data else ():
-                if isinstance(event, c.RangeStart):
-                    self._start_segment(command, event.range)
-                elif self.append is not None:
-                    self.append.feed(event)
-        except ShimError as exc:
-            self._refuse_body(exc)
+    def _segments_queue(self) -> asyncio.Queue[bytes | None]:
+        if self._segments is None:
+            assert isinstance(self.command, c.WriteSegments)
+            self._segments = asyncio.Queue()
+            self._segments_task = asyncio.ensure_future(self._work_segments(self.command))
+        return self._segments
+
+    async def _work_segments(self, command: c.WriteSegments) -> None:
+        assert self._segments is not None
+        while (data := await self._segments.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                for event in command.decoder.feed(data) if data else ():
+                    if isinstance(event, c.RangeStart):
+                        await self._start_segment(command, event.range)
+                    elif self.append is not None:
+                        self.append.feed(event)
+            except ShimError as exc:
+                self._refuse_body(exc)
+
+    async def _segments_done(self) -> None:
+        """Wait until every queued chunk of a byte-range body has been worked off."""
+        if self._segments is not None and self._segments_task is not None:
+            self._segments.put_nowait(None)
+            await self._segments_task
 
     def _refuse_body(self, error: ShimError) -> None:
         """What the body says is wrong: nothing of this request is kept."""
@@ -205,35 +290,44 @@ class Exchange:
         elif self.append is None:
             self.error = error
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
+        """The client went away (or the shim failed): keep what arrived, release the lease.
+        Safe to call more than once, and after `finish`."""
+        with contextlib.suppress(Exception):  # a failed begin holds nothing
+            await self._settled_begin()
+        if self._segments_task is not None and not self._segments_task.done():
+            self._segments_task.cancel()
+            await asyncio.gather(self._segments_task, return_exceptions=True)
         if self.append is not None:
-            upload = self.engine.abort_append(self.append)
-            self.append = None
+            append, self.append = self.append, None
+            upload = await self.engine.abort_append(append)
             log.info("client left mid-body; upload %s keeps %d bytes", upload.id, upload.offset)
 
     async def finish(self) -> Reply:
         try:
+            await self._settled_begin()
             outcome = await self._finish()
         except ShimError as exc:
             outcome = c.Outcome(upload=self.upload, error=exc)
+        finally:
+            await self.abort()  # releases anything a failure left held
         return self.protocol.render(self.request, self.command, outcome)
 
     async def _finish(self) -> c.Outcome:
         if self.error is not None:
-            self.abort()
             return c.Outcome(upload=self.upload, error=self.error)
         command = self.command
         if isinstance(command, c.Immediate):
             return c.Outcome()
         if isinstance(command, c.Report):
-            return self._report(command)
+            return await self._report(command)
         if isinstance(command, c.Inspect):
             return await self._inspect(command)
         if isinstance(command, c.Cancel):
-            self.engine.terminate(_required(self.engine, command))
+            await self.engine.terminate(await _required(self.engine, command))
             return c.Outcome()
         if isinstance(command, c.Concatenate):
-            return await self._settle(self.engine.concatenate(command.new))
+            return await self._settle(await self.engine.concatenate(command.new))
         if isinstance(command, c.WriteSegments):
             refused = await self._end_segments(command)
             if refused is not None:
@@ -242,34 +336,30 @@ class Exchange:
             append, self.append = self.append, None
             self.upload = await self.engine.finish_append(append)
             if _completes_at_end(command) and self.upload.length is None:
-                self.upload = self.engine.declare_length(self.upload, self.upload.offset, 0)
+                self.upload = await self.engine.declare_length(self.upload, self.upload.offset, 0)
         if self.upload is None:
             return c.Outcome()
-        return await self._settle(self.engine.store.load(self.upload.id) or self.upload)
+        return await self._settle(await self.engine.store.load(self.upload.id) or self.upload)
 
-    def _report(self, command: c.Report) -> c.Outcome:
-        listing = self.engine.in_progress(command.key_prefix, command.owner)
-        exact = self.engine.find(command.exact_key, command.owner)
-        if exact is not None and not exact.delivered:
+    async def _report(self, command: c.Report) -> c.Outcome:
+        listing = await self.engine.in_progress(command.key_prefix, command.owner)
+        exact = await self.engine.find(command.exact_key, command.owner)
+        if exact is not None and exact.receiving:
             listing = [(command.exact_key, exact), *listing]
         return c.Outcome(listing=tuple(dict(listing).items()))
 
     async def _inspect(self, command: c.Inspect) -> c.Outcome:
-        upload = self.engine.refresh(_required(self.engine, command))
-        refusal = upload.refusal
-        if refusal is not None and 400 <= refusal.status < 500:
-            # A status inquiry repeats a refusal; only an explicit retry sends the file again.
-            return c.Outcome(upload=upload, offset=upload.offset, delivery=e.Delivery(refusal))
+        upload = await self.engine.refresh(await _required(self.engine, command))
         return await self._settle(upload)
 
     async def _end_segments(self, command: c.WriteSegments) -> c.Outcome | None:
         """The byte-range body ended: an outcome if it was refused, else None."""
+        await self._segments_done()
         try:
             command.decoder.end()
         except ShimError as exc:
             self._refuse_body(exc)
         if self.error is not None:
-            self.abort()
             return c.Outcome(upload=self.upload, error=self.error)
         if self.append is not None and self.append.failure is not None and self.created:
             return await self._refuse_new_upload(self.append)
@@ -282,18 +372,22 @@ class Exchange:
         try:
             await self.engine.finish_append(append)
         except ShimError as exc:
-            self.engine.store.remove(append.upload.id)
+            left = await self.engine.store.load(append.upload.id)
+            if left is not None:
+                await self.engine.store.remove(left)
             return c.Outcome(error=exc)
         return c.Outcome(upload=self.upload)  # pragma: no cover - a failure always raises
 
     async def _settle(self, upload: Upload) -> c.Outcome:
-        """Deliver what just became complete (or was complete but not yet delivered)."""
+        """Queue what just became complete; wait for the outcome of its delivery (never
+        starting one). A part of a concatenation completes the final uploads it finishes."""
         delivery = None
         if upload.complete and upload.target is not None:
-            delivery = await self.engine.deliver(upload)
-            upload = self.engine.store.load(upload.id) or upload
+            upload = await self.engine.settle(upload)
+            delivery = await self.engine.await_delivery(upload)
+            upload = await self.engine.store.load(upload.id) or upload
         elif upload.complete:
-            whole = self.engine.whole_of(upload)
-            if whole is not None and whole.complete:
-                delivery = await self.engine.deliver(whole)
+            for whole in await self.engine.wholes_of(upload):
+                if whole.complete:
+                    await self.engine.settle(whole)
         return c.Outcome(upload=upload, offset=self.engine.offset_of(upload), delivery=delivery)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shim.lifecycle import FINAL, GONE, State
+
 HeaderList = tuple[tuple[str, str], ...]
 
 
@@ -85,7 +87,10 @@ class Answer:
 
 @dataclass(frozen=True)
 class Upload:
-    """The durable state of one upload. `offset` counts committed bytes only."""
+    """The durable state of one upload. `offset` counts committed bytes only.
+
+    Records are saved with compare-and-set on `version`; `state` changes only through
+    `shim.lifecycle.advance`."""
 
     id: str
     protocol: str
@@ -98,17 +103,29 @@ class Upload:
     """For a concatenated upload: the ids of the uploads whose bytes it is made of."""
     created: float = 0.0
     updated: float = 0.0
-    """When bytes were last committed (WebDAV's last-chunk-saved)."""
-    expires: float | None = None
+    """When the upload was last active (WebDAV's last-chunk-saved)."""
+    expires_after: int = 0
+    """Seconds of inactivity after which the upload is removed; 0: never."""
+    state: State = State.RECEIVING
+    version: int = 0
+    """Bumped by every save; a save that names an older version is refused (a conflict)."""
     answer: Answer | None = None
-    """The legacy server's answer once it accepted the file; never set for a refusal."""
-    refusal: Answer | None = None
-    """The legacy server's last refusal, until it accepts the file."""
+    """The legacy server's final answer (accepted or refused), replayed to every retry."""
+    problem: str = ""
+    """Why the last delivery attempt got no answer; for FAILED, why it was given up."""
+    attempts: int = 0
+    first_attempt: float | None = None
+    next_attempt: float = 0.0
+    """When the outbox should try (again) to deliver a COMPLETE upload."""
     unverified_from: int | None = None
     """Set while a checksummed chunk is being written: bytes past it are not yet committed."""
-    terminated: bool = False
     digests: dict[str, str] = field(default_factory=dict)
     """Expected digests of the whole file (hashlib name -> base64), checked before delivery."""
+    sha256: str | None = None
+    """Hex SHA-256 of the file once it was delivered: a repeat with the same bytes gets the
+    recorded answer instead of a second delivery."""
+    previous: str | None = None
+    """The upload delivered earlier under the same key, for that duplicate check."""
 
     @property
     def complete(self) -> bool:
@@ -116,4 +133,17 @@ class Upload:
 
     @property
     def delivered(self) -> bool:
-        return self.answer is not None
+        """The legacy server gave its final word on this file (accepted or refused)."""
+        return self.state in FINAL
+
+    @property
+    def gone(self) -> bool:
+        return self.state in GONE
+
+    @property
+    def expires(self) -> float | None:
+        return self.updated + self.expires_after if self.expires_after else None
+
+    @property
+    def receiving(self) -> bool:
+        return self.state is State.RECEIVING

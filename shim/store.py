@@ -1,179 +1,170 @@
-"""The only code that touches disk: data files for the bytes, diskcache for the metadata.
+"""The store interface: what the engine and the delivery worker know of persistence.
 
-Layout under `storage.dir`: `data/<id>` holds an upload's bytes, `meta/` is a diskcache
-(SQLite) holding each `Upload` as JSON plus secondary keys (`link`). Eviction is off: a
-cache that forgot an upload would lose what a client was told is stored.
+In the manner of tusd's `DataStore` + `Locker` and httpx's transports: one small async
+interface, and backends behind it (`shim.local_store.LocalStore` is the embedded default).
+Nothing here touches a disk; a backend must not block the event loop.
+
+- Records are `Upload`s saved with compare-and-set on `Upload.version`.
+- Secondary keys name uploads for protocols that find them by URL; looked up by prefix.
+- The expiry index and the outbox are derived from the records a backend saves
+  (`Upload.expires`; `state` in COMPLETE/DELIVERING with `next_attempt`).
+- Leases have a name, a holder and an expiry, so that a crashed holder's lease lapses.
+- Bytes: append at an offset through a `ChunkWriter`, read ranges, sync, truncate, delete.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import json
 import os
-import shutil
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any, BinaryIO
+from dataclasses import replace
+from typing import Any, Protocol
 
-import diskcache
+from shim.lifecycle import Event, advance
+from shim.model import Upload
 
-from shim.model import Answer, Target, Upload
 
-READ_SIZE = 1024 * 1024
-WRITE_BUFFER = 1024 * 1024
+class Conflict(Exception):
+    """The record changed (or vanished) since it was read: nothing was written."""
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (a full disk, a broken database)."""
+
+
+async def transition(store: Store, upload: Upload, event: Event | None = None,
+                     retries: int = 8, **changes: Any) -> Upload:
+    """Save `upload` with `changes`, its state moved by `event` (`shim.lifecycle`).
+
+    On a conflict the record is read again and the same change applied to it, so a
+    concurrent change is never overwritten; IllegalTransition when the newer state does not
+    allow `event`, Conflict when the upload vanished or kept changing."""
+    for _ in range(retries):
+        state = advance(upload.state, event) if event is not None else upload.state
+        try:
+            return await store.save(replace(upload, state=state, **changes))
+        except Conflict:
+            fresh = await store.load(upload.id)
+            if fresh is None:
+                raise
+            upload = fresh
+    raise Conflict(f"upload {upload.id} kept changing")
 
 
 class ChunkWriter:
-    """Appends a body to an upload's data file as it arrives.
+    """Writes a body to an upload's data file as it arrives, through an unbuffered file.
 
-    `write` runs on the event loop, so it only copies into a buffered file; `sync` (flush and
-    fsync) is meant to run in a worker thread before a chunk is acknowledged.
-    """
+    `write` runs on the event loop, inside mitmproxy's stream callback, which cannot await:
+    each call is one `write(2)` into the page cache. Every byte counted in `written` has
+    therefore reached the OS and survives a crash of the process, so an offset reported from
+    it never goes back. `sync` (fsync) and `close` are the store's, run off the loop."""
 
-    def __init__(self, file: BinaryIO, offset: int, fsync: bool) -> None:
-        self._file = file
-        self._fsync = fsync
-        self.start = offset
+    def __init__(self, fd: int, start: int) -> None:
+        self.fd = fd
+        self.start = start
+        """Where this body's first byte went."""
         self.written = 0
+        """Bytes written since `start`."""
+
+    @property
+    def position(self) -> int:
+        return self.start + self.written
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self.written += len(data)
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self.fd, view, self.position)
+            self.written += done
+            view = view[done:]
 
-    def sync(self) -> None:
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
+    def read_back_at(self, position: int, size: int) -> bytes:
+        """`size` stored bytes at `position`, to compare a retried range with (a page-cache
+        read, in the same callback as `write`)."""
+        return os.pread(self.fd, size, position)
 
-    def close(self) -> None:
-        try:
-            self._file.flush()
-        finally:
-            self._file.close()
+    def rewind(self, position: int) -> None:
+        """Write the next bytes at `position`, an earlier point: what lies past it is
+        dropped when the body is committed."""
+        self.written = position - self.start
 
 
-class Store:
-    def __init__(self, directory: str | Path, fsync: bool = True) -> None:
-        self.directory = Path(directory)
-        self._data = self.directory / "data"
-        self._data.mkdir(parents=True, exist_ok=True)
-        self._fsync = fsync
-        self._meta = diskcache.Cache(
-            str(self.directory / "meta"), eviction_policy="none", size_limit=2**62
-        )
+class Store(Protocol):
+    # --- records --------------------------------------------------------------------------
 
-    def close(self) -> None:
-        self._meta.close()
+    async def load(self, upload_id: str) -> Upload | None: ...
 
-    # --- metadata -------------------------------------------------------------------------
+    async def save(self, upload: Upload) -> Upload:
+        """Write `upload` if the stored version is `upload.version` (0: none stored yet);
+        return it with the new version. Conflict otherwise."""
 
-    def load(self, upload_id: str) -> Upload | None:
-        raw = self._meta.get(f"upload:{upload_id}")
-        return _from_json(raw) if isinstance(raw, str) else None
+    async def remove(self, upload: Upload) -> None:
+        """Forget an upload, record and bytes, if the stored version is `upload.version`."""
 
-    def save(self, upload: Upload) -> None:
-        self._meta.set(f"upload:{upload.id}", _to_json(upload))
+    async def ids(self) -> list[str]:
+        """Every stored upload id: for recovery at start-up only."""
 
-    def ids(self) -> list[str]:
-        return [key[len("upload:") :] for key in self._meta.iterkeys() if key.startswith("upload:")]
+    # --- secondary keys -------------------------------------------------------------------
 
-    def link(self, key: str, upload_id: str) -> None:
-        """Remember `key` (e.g. a protocol's natural key for an upload) as naming an upload."""
-        self._meta.set(f"link:{key}", upload_id)
+    async def link(self, key: str, upload_id: str) -> None: ...
 
-    def resolve(self, key: str) -> str | None:
-        value = self._meta.get(f"link:{key}")
-        return value if isinstance(value, str) else None
+    async def resolve(self, key: str) -> str | None: ...
 
-    def links(self, prefix: str) -> list[tuple[str, str]]:
-        """Every (key, upload id) whose key starts with `prefix`; a scan, meant for reports."""
-        start = f"link:{prefix}"
-        return [(key[len("link:"):], self._meta[key]) for key in self._meta.iterkeys()
-                if isinstance(key, str) and key.startswith(start)]
+    async def unlink(self, key: str, upload_id: str) -> None:
+        """Drop `key` if it still names `upload_id`."""
 
-    def unlink(self, key: str) -> None:
-        self._meta.delete(f"link:{key}")
+    async def links(self, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
+        """(key, upload id) for keys that start with `prefix`, from an index, in key order."""
 
-    def remove(self, upload_id: str) -> None:
-        """Forget an upload: its metadata and its bytes."""
-        self.discard_data(upload_id)
-        self._meta.delete(f"upload:{upload_id}")
+    # --- indexes derived from the records -------------------------------------------------
+
+    async def expired(self, now: float, limit: int = 500) -> list[str]:
+        """Ids of uploads whose `expires` is before `now` (a hint: re-check the record)."""
+
+    async def due(self, now: float, limit: int = 100) -> list[str]:
+        """Ids of uploads awaiting delivery whose next attempt is due (a hint, likewise)."""
+
+    async def next_due(self) -> float | None:
+        """When the earliest delivery in the outbox is due; None when it is empty."""
+
+    # --- leases ---------------------------------------------------------------------------
+
+    async def acquire(self, name: str, holder: str, ttl: float) -> bool:
+        """Take the lease `name` for `ttl` seconds unless another holder has it unexpired."""
+
+    async def release(self, name: str, holder: str) -> None:
+        """Give the lease up if `holder` still has it."""
+
+    async def holder(self, name: str) -> str | None:
+        """Who has the lease now, if anyone."""
 
     # --- bytes ----------------------------------------------------------------------------
 
-    def _path(self, upload_id: str) -> Path:
-        if not upload_id or "/" in upload_id or upload_id.startswith("."):
-            raise ValueError(f"not an upload id: {upload_id!r}")
-        return self._data / upload_id
+    async def open_writer(self, upload_id: str, offset: int) -> ChunkWriter:
+        """Open the data file for writing at `offset`; bytes stored past it stay until the
+        writer is closed with the size to keep."""
 
-    def size(self, upload_id: str) -> int:
-        try:
-            return self._path(upload_id).stat().st_size
-        except FileNotFoundError:
-            return 0
+    async def close_writer(self, upload_id: str, writer: ChunkWriter, keep: int | None,
+                           sync: bool) -> int:
+        """Flush (and with `sync` fsync) what was written, keep the first `keep` bytes of the
+        file (None: all of it), close it; return the size stored."""
 
-    def writer(self, upload_id: str, offset: int) -> ChunkWriter:
-        """Open the data file for writing at `offset`, dropping anything stored past it."""
-        path = self._path(upload_id)
-        path.touch(exist_ok=True)
-        file = open(path, "r+b", buffering=WRITE_BUFFER)  # noqa: SIM115 - ChunkWriter closes it
-        file.truncate(offset)
-        file.seek(offset)
-        return ChunkWriter(file, offset, self._fsync)
+    def read(self, upload_ids: Sequence[str], limits: Sequence[int]) -> AsyncIterator[bytes]:
+        """The bytes of several uploads back to back, `limits[i]` bytes of the i-th."""
 
-    def truncate(self, upload_id: str, size: int) -> None:
-        path = self._path(upload_id)
-        if path.exists():
-            with open(path, "r+b") as file:
-                file.truncate(size)
+    async def size(self, upload_id: str) -> int: ...
 
-    def discard_data(self, upload_id: str) -> None:
-        self._path(upload_id).unlink(missing_ok=True)
+    async def truncate(self, upload_id: str, size: int) -> None: ...
 
-    async def read(self, upload_ids: Sequence[str], limits: Sequence[int]) -> AsyncIterator[bytes]:
-        """Yield the bytes of several uploads back to back, `limits[i]` bytes of the i-th."""
-        for upload_id, limit in zip(upload_ids, limits, strict=True):
-            if limit == 0:
-                continue  # an empty upload may never have had a data file
-            with open(self._path(upload_id), "rb") as file:
-                remaining = limit
-                while remaining > 0:
-                    chunk = await asyncio.to_thread(file.read, min(READ_SIZE, remaining))
-                    if not chunk:
-                        raise OSError(f"data of upload {upload_id} is shorter than recorded")
-                    remaining -= len(chunk)
-                    yield chunk
+    async def discard(self, upload_id: str) -> None:
+        """Delete an upload's bytes (the record stays)."""
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self._data).free
+    async def free_bytes(self) -> int: ...
+
+    async def close(self) -> None: ...
 
 
-def _to_json(upload: Upload) -> str:
-    record = asdict(upload)
-    for name in ("answer", "refusal"):
-        answer = getattr(upload, name)
-        if answer is not None:
-            record[name]["body"] = base64.b64encode(answer.body).decode("ascii")
-    return json.dumps(record)
-
-
-def _from_json(text: str) -> Upload:
-    record: dict[str, Any] = json.loads(text)
-    if record.get("target") is not None:
-        target = record["target"]
-        target["headers"] = _pairs(target["headers"])
-        record["target"] = Target(**target)
-    for name in ("answer", "refusal"):
-        answer = record.get(name)
-        if answer is not None:
-            answer["headers"] = _pairs(answer["headers"])
-            answer["body"] = base64.b64decode(answer["body"])
-            record[name] = Answer(**answer)
-    record["parts"] = tuple(record["parts"])
-    return Upload(**record)
-
-
-def _pairs(items: list[list[str]]) -> tuple[tuple[str, str], ...]:
-    return tuple((name, value) for name, value in items)
+async def pieces(store: Store, upload: Upload) -> tuple[list[str], list[int]]:
+    """The data files a finished upload is made of, with how many bytes of each are its."""
+    if not upload.parts:
+        return [upload.id], [upload.offset]
+    parts = [await store.load(part_id) for part_id in upload.parts]
+    return list(upload.parts), [part.offset if part else 0 for part in parts]

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from shim.model import Answer, Target
+from shim.model import Answer, HeaderList, Target
 
 MAX_ANSWER_BODY = 1024 * 1024
 """The legacy server's answer body is kept (and replayed) up to this size."""
@@ -24,7 +24,15 @@ _MANAGED_HEADERS = {"host", "content-length", "transfer-encoding", "content-type
 
 
 class UpstreamError(Exception):
-    """The legacy server could not be reached or broke off; it gave no answer."""
+    """The legacy server gave no answer."""
+
+
+class Unreachable(UpstreamError):
+    """No answer, and the legacy server cannot have received a whole request: safe to retry."""
+
+
+class OutcomeUnknown(UpstreamError):
+    """The whole file was sent, then no answer came: the legacy server may have acted on it."""
 
 
 @dataclass(frozen=True)
@@ -77,35 +85,66 @@ _FORM_ESCAPES = str.maketrans({'"': "%22", "\r": "%0D", "\n": "%0A"})
 
 
 class Upstream:
+    """Sends one finished file and reads the answer, early or late.
+
+    `timeout` is an idle timeout: each connect, write and read must make progress within it,
+    so a slow but progressing legacy server is never cut off."""
+
     def __init__(self, origin: Origin, timeout: float, verify_tls: bool = True) -> None:
         self.origin = origin
         self.timeout = timeout
         self.verify_tls = verify_tls
 
-    async def send(self, target: Target, length: int, body: AsyncIterator[bytes]) -> Answer:
-        """Send `target` with `length` bytes of `body`; raise UpstreamError without an answer."""
+    async def send(self, target: Target, length: int, body: AsyncIterator[bytes],
+                   extra: HeaderList = ()) -> Answer:
+        """Send `target` with `length` bytes of `body` (and `extra` header fields).
+
+        The answer is read while the body is still being sent (RFC 9112 section 9.5 lets a
+        server answer early, as nginx does with 413): an early answer stops the sending and
+        is returned. Raises Unreachable when the legacy server cannot have seen a whole
+        request, OutcomeUnknown when it may have."""
         framing = Framing.for_target(target)
         try:
             reader, writer = await self._timed(self._connect())
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to {self.origin.authority}: {exc}") from exc
+            raise Unreachable(f"cannot connect to {self.origin.authority}: {exc!r}") from exc
+        conn = h11.Connection(h11.CLIENT)
+        answer = asyncio.ensure_future(self._read_answer(conn, reader))
+        sent_all = False
         try:
-            conn = h11.Connection(h11.CLIENT)
             total = len(framing.head) + length + len(framing.tail)
-            head = h11.Request(
-                method=target.method, target=target.path, headers=self._headers(target, framing, total)
-            )
-            await self._put(writer, conn.send(head))
-            await self._put(writer, conn.send(h11.Data(data=framing.head)))
-            async for chunk in body:
-                await self._put(writer, conn.send(h11.Data(data=chunk)))
-            await self._put(writer, conn.send(h11.Data(data=framing.tail)))
-            await self._put(writer, conn.send(h11.EndOfMessage()))
-            return await self._timed(_read_answer(conn, reader))
-        except (OSError, TimeoutError, h11.ProtocolError) as exc:
-            raise UpstreamError(f"{self.origin.authority} broke off the delivery: {exc!r}") from exc
+            head = h11.Request(method=target.method, target=target.path,
+                               headers=self._headers(target, framing, total, extra))
+            try:
+                await self._send_all(conn, writer, head, framing, body, answer)
+                sent_all = not answer.done()
+            except (OSError, TimeoutError, h11.ProtocolError) as exc:
+                if not answer.done():  # the server may have answered and closed: look first
+                    await asyncio.wait([answer], timeout=min(self.timeout, 5.0))
+                if not answer.done() or answer.exception() is not None:
+                    raise Unreachable(f"{self.origin.authority} broke off the delivery "
+                                      f"before the whole file was sent: {exc!r}") from exc
+            try:
+                return await answer
+            except (OSError, TimeoutError, h11.ProtocolError, UpstreamError) as exc:
+                if sent_all:
+                    raise OutcomeUnknown(f"the whole file was sent, then {exc}") from exc
+                raise Unreachable(f"{self.origin.authority} broke off: {exc!r}") from exc
         finally:
+            answer.cancel()
             writer.close()
+
+    async def _send_all(self, conn: h11.Connection, writer: asyncio.StreamWriter,
+                        head: h11.Request, framing: Framing, body: AsyncIterator[bytes],
+                        answer: asyncio.Future[Answer]) -> None:
+        await self._put(writer, conn.send(head))
+        await self._put(writer, conn.send(h11.Data(data=framing.head)))
+        async for chunk in body:
+            if answer.done():
+                return  # answered early: the rest is not wanted
+            await self._put(writer, conn.send(h11.Data(data=chunk)))
+        await self._put(writer, conn.send(h11.Data(data=framing.tail)))
+        await self._put(writer, conn.send(h11.EndOfMessage()))
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         context: ssl.SSLContext | None = None
@@ -116,11 +155,13 @@ class Upstream:
                 context.verify_mode = ssl.CERT_NONE
         return await asyncio.open_connection(self.origin.host, self.origin.port, ssl=context)
 
-    def _headers(self, target: Target, framing: Framing, total: int) -> list[tuple[str, str]]:
+    def _headers(self, target: Target, framing: Framing, total: int,
+                 extra: HeaderList) -> list[tuple[str, str]]:
         headers = [("Host", self.origin.authority), ("Content-Length", str(total))]
         if framing.content_type:
             headers.append(("Content-Type", framing.content_type))
-        headers += [(k, v) for k, v in target.headers if k.lower() not in _MANAGED_HEADERS]
+        headers += [(k, v) for k, v in (*target.headers, *extra)
+                    if k.lower() not in _MANAGED_HEADERS]
         return headers
 
     async def _put(self, writer: asyncio.StreamWriter, data: bytes | None) -> None:
@@ -132,23 +173,23 @@ class Upstream:
         async with asyncio.timeout(self.timeout):
             return await step
 
+    async def _read_answer(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Answer:
+        response: h11.Response | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await self._timed(reader.read(65536)))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data[: max(0, MAX_ANSWER_BODY - len(body))]
+            elif isinstance(event, h11.EndOfMessage) and response is not None:
+                headers = tuple((k.decode("latin-1"), v.decode("latin-1"))
+                                for k, v in response.headers)
+                return Answer(response.status_code, response.reason.decode("latin-1"), headers,
+                              bytes(body))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise UpstreamError("the legacy server closed the connection without an answer")
 
-async def _read_answer(conn: h11.Connection, reader: asyncio.StreamReader) -> Answer:
-    response: h11.Response | None = None
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await reader.read(65536))
-        elif isinstance(event, h11.InformationalResponse):
-            continue
-        elif isinstance(event, h11.Response):
-            response = event
-        elif isinstance(event, h11.Data):
-            body += event.data[: max(0, MAX_ANSWER_BODY - len(body))]
-        elif isinstance(event, h11.EndOfMessage) and response is not None:
-            headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers)
-            reason = response.reason.decode("latin-1")
-            return Answer(response.status_code, reason, headers, bytes(body))
-        elif isinstance(event, h11.ConnectionClosed):
-            raise UpstreamError("the legacy server closed the connection without an answer")
+

@@ -172,7 +172,7 @@ def test_other_methods_are_405(method: str, path: str) -> None:
 
 
 UPLOAD = Upload(id="abc", protocol="tus", owner="", length=10, offset=4,
-                metadata={"filename": "x"}, created=100.0, expires=200.0)
+                metadata={"filename": "x"}, created=100.0, updated=100.0, expires_after=100)
 
 
 def test_head_reply_carries_offset_length_metadata_and_no_store() -> None:

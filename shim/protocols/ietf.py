@@ -190,10 +190,8 @@ class Ietf:
         progress = [("Upload-Offset", str(outcome.offset))]
         delivery = outcome.delivery
         if delivery is not None and delivery.answer is None:
-            if delivery.code == "digest-mismatch":
-                return _problem_reply(400, "digest-mismatch", delivery.problem, interop, base, {})
-            return _problem_reply(502, "", f"complete, not delivered: {delivery.problem}",
-                                  interop, base + progress, {})
+            return _problem_reply(delivery.status, "", delivery.message, interop,
+                                  base + progress + list(delivery.fields), {})
         answer = delivery.answer if delivery is not None else upload.answer
         location = [("Location", self._location(request, upload))] \
             if isinstance(command, c.Open) else []
@@ -355,6 +353,7 @@ def _final(answer: Answer, interop: Interop, fields: list[tuple[str, str]]) -> R
 
 
 _PROBLEMS = {
+    "digest-mismatch": "digest-mismatch",
     "offset-mismatch": "mismatching-upload-offset",
     "completed": "completed-upload",
     "too-large": "inconsistent-upload-length",

@@ -26,12 +26,13 @@ def text(status: int, message: str, extra: HeaderList = (), reason: str | None =
 
 
 def final(outcome: Outcome, extra: HeaderList = (), accepted_status: int | None = None) -> Reply | None:
-    """The reply to a request that finished the file, or None if it did not: 502 when the
-    legacy server gave no answer, else its answer (just given, or recorded and replayed).
+    """The reply to a request that finished the file, or None if it did not: the status of
+    the delivery while there is no answer (503 + Retry-After pending, 502 failed, 507 not
+    recorded), else the legacy server's answer, recorded and replayed.
     `accepted_status` replaces a 2xx status (Google sessions want 200)."""
     delivery = outcome.delivery
     if delivery is not None and delivery.answer is None:
-        return text(502, f"the upload is complete but was not delivered: {delivery.problem}", extra)
+        return text(delivery.status, delivery.message, (*extra, *delivery.fields))
     answer = delivery.answer if delivery is not None else (
         outcome.upload.answer if outcome.upload is not None else None)
     if answer is None:

@@ -332,8 +332,9 @@ def _delivery_headers(outcome: c.Outcome) -> HeaderList:
 def _delivery_failed(outcome: c.Outcome, progress: list[tuple[str, str]]) -> Reply:
     """The file is complete but the legacy server refused it or could not be reached.
 
-    A 4xx refusal is passed on (retrying will not help); anything else is 502 so that tus
-    clients retry, and a retried PATCH or HEAD delivers again."""
+    A 4xx refusal is passed on (retrying will not help); another answer is 502; no answer
+    yet is the delivery's own status (503 + Retry-After while it goes on), so that tus
+    clients retry, and a retried PATCH or HEAD gets the outcome."""
     delivery = outcome.delivery
     assert delivery is not None
     answer = delivery.answer
@@ -341,8 +342,10 @@ def _delivery_failed(outcome: c.Outcome, progress: list[tuple[str, str]]) -> Rep
     if answer is not None and 400 <= answer.status < 500:
         message = f"the legacy server refused the file: {answer.status} {answer.reason}\n"
         return _reply(answer.status, headers, message.encode() + answer.body[:4096])
-    problem = delivery.problem or f"the legacy server answered {answer.status if answer else '-'}"
-    return _reply(502, headers, f"the upload is complete but was not delivered: {problem}\n".encode())
+    if answer is None:
+        return _reply(delivery.status, [*headers, *delivery.fields], f"{delivery.message}\n".encode())
+    message = f"the upload is complete but was not delivered: the legacy server answered {answer.status}"
+    return _reply(502, headers, f"{message}\n".encode())
 
 
 def _error_reply(error: ShimError, location: str | None) -> Reply:

@@ -1,0 +1,316 @@
+"""The embedded store: diskcache for the records, SQLite indexes beside it, local files.
+
+Layout under `storage.dir`:
+- `data/<id>`: an upload's bytes.
+- `meta/`: a diskcache (SQLite) holding each `Upload` as JSON under `upload:<id>`. Eviction
+  is off: a cache that forgot an upload would lose what a client was told is stored.
+- `index.sqlite`: secondary keys, the expiry index, the outbox and leases, each a table with
+  an index, so lookups never scan every upload.
+
+Records and indexes live in two databases, so the indexes are hints kept a superset of the
+truth: an index entry is written before the record that needs it and removed after the
+record that no longer does, and every reader re-checks the record it finds.
+
+All SQLite work runs on one worker thread (which also serialises compare-and-set within the
+process; diskcache's transaction makes it hold across processes); file work runs on the
+default executor. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from shim.lifecycle import AWAITING_DELIVERY, State
+from shim.model import Answer, Target, Upload
+from shim.store import ChunkWriter, Conflict, StoreError
+
+READ_SIZE = 1024 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS links (key TEXT PRIMARY KEY, upload_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS expiry (upload_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS expiry_at ON expiry (at);
+CREATE TABLE IF NOT EXISTS outbox (upload_id TEXT PRIMARY KEY, due REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due);
+CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
+"""
+
+
+class LocalStore:
+    def __init__(self, directory: str | Path, fsync: bool = True) -> None:
+        self.directory = Path(directory)
+        self._data = self.directory / "data"
+        self._data.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none",
+                                     size_limit=2**62)
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shim-store")
+        self._index: sqlite3.Connection | None = None
+        self._index_path = self.directory / "index.sqlite"
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    async def _db[T](self, work: Callable[[], T]) -> T:
+        """Run `work` on the store's thread; its database errors become StoreError."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._db_thread, work)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(str(exc)) from exc
+
+    def _sql(self) -> sqlite3.Connection:
+        """The index connection, opened on the store's thread (SQLite wants one thread)."""
+        if self._index is None:
+            self._index = sqlite3.connect(self._index_path, isolation_level=None, timeout=30)
+            self._index.execute("PRAGMA journal_mode=WAL")
+            self._index.execute("PRAGMA synchronous=NORMAL")
+            self._index.executescript(_SCHEMA)
+        return self._index
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+            self._meta.close()
+
+        await self._db(shut)
+        self._db_thread.shutdown(wait=True)
+
+    # --- records --------------------------------------------------------------------------
+
+    async def load(self, upload_id: str) -> Upload | None:
+        return await self._db(lambda: self._load(upload_id))
+
+    def _load(self, upload_id: str) -> Upload | None:
+        raw = self._meta.get(f"upload:{upload_id}")
+        return _from_json(raw) if isinstance(raw, str) else None
+
+    async def save(self, upload: Upload) -> Upload:
+        return await self._db(lambda: self._save(upload))
+
+    def _save(self, upload: Upload) -> Upload:
+        saved = replace(upload, version=upload.version + 1)
+        self._index_before(saved)
+        with self._meta.transact():
+            current = self._load(upload.id)
+            if (current.version if current is not None else 0) != upload.version:
+                raise Conflict(f"upload {upload.id} changed since it was read")
+            self._meta.set(f"upload:{upload.id}", _to_json(saved))
+        self._index_after(saved)
+        return saved
+
+    def _index_before(self, upload: Upload) -> None:
+        """Entries the new record needs, written first (see the module docstring)."""
+        sql = self._sql()
+        expires = upload.expires
+        if expires is not None and not upload.gone:
+            sql.execute("INSERT OR REPLACE INTO expiry VALUES (?, ?)", (upload.id, expires))
+        if upload.state in AWAITING_DELIVERY:
+            sql.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)",
+                        (upload.id, upload.next_attempt))
+
+    def _index_after(self, upload: Upload) -> None:
+        """Entries the new record no longer needs, removed once it is written."""
+        sql = self._sql()
+        if upload.expires is None or upload.gone:
+            sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload.id,))
+        if upload.state not in AWAITING_DELIVERY:
+            sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload.id,))
+
+    async def remove(self, upload: Upload) -> None:
+        def work() -> None:
+            with self._meta.transact():
+                current = self._load(upload.id)
+                if current is None or current.version != upload.version:
+                    raise Conflict(f"upload {upload.id} changed since it was read")
+                self._meta.delete(f"upload:{upload.id}")
+            sql = self._sql()
+            sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload.id,))
+            sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload.id,))
+            sql.execute("DELETE FROM links WHERE upload_id = ?", (upload.id,))
+
+        await self._db(work)
+        await self.discard(upload.id)
+
+    async def ids(self) -> list[str]:
+        return await self._db(lambda: [key[len("upload:"):] for key in self._meta.iterkeys()
+                                       if isinstance(key, str) and key.startswith("upload:")])
+
+    # --- secondary keys -------------------------------------------------------------------
+
+    async def link(self, key: str, upload_id: str) -> None:
+        await self._db(lambda: self._sql().execute(
+            "INSERT OR REPLACE INTO links VALUES (?, ?)", (key, upload_id)))
+
+    async def resolve(self, key: str) -> str | None:
+        def work() -> str | None:
+            row = self._sql().execute("SELECT upload_id FROM links WHERE key = ?", (key,)).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._db(work)
+
+    async def unlink(self, key: str, upload_id: str) -> None:
+        await self._db(lambda: self._sql().execute(
+            "DELETE FROM links WHERE key = ? AND upload_id = ?", (key, upload_id)))
+
+    async def links(self, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
+        def work() -> list[tuple[str, str]]:
+            # A range on the primary key: `prefix` <= key < `prefix` + U+10FFFF.
+            rows = self._sql().execute(
+                "SELECT key, upload_id FROM links WHERE key >= ? AND key < ? ORDER BY key LIMIT ?",
+                (prefix, prefix + "\U0010ffff", limit)).fetchall()
+            return [(str(key), str(upload_id)) for key, upload_id in rows]
+
+        return await self._db(work)
+
+    # --- derived indexes ------------------------------------------------------------------
+
+    async def expired(self, now: float, limit: int = 500) -> list[str]:
+        return await self._db(lambda: [str(row[0]) for row in self._sql().execute(
+            "SELECT upload_id FROM expiry WHERE at < ? ORDER BY at LIMIT ?", (now, limit))])
+
+    async def due(self, now: float, limit: int = 100) -> list[str]:
+        return await self._db(lambda: [str(row[0]) for row in self._sql().execute(
+            "SELECT upload_id FROM outbox WHERE due <= ? ORDER BY due LIMIT ?", (now, limit))])
+
+    async def next_due(self) -> float | None:
+        def work() -> float | None:
+            row = self._sql().execute("SELECT MIN(due) FROM outbox").fetchone()
+            return float(row[0]) if row and row[0] is not None else None
+
+        return await self._db(work)
+
+    # --- leases ---------------------------------------------------------------------------
+
+    async def acquire(self, name: str, holder: str, ttl: float) -> bool:
+        def work() -> bool:
+            now = time.time()
+            cursor = self._sql().execute(
+                "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "holder = excluded.holder, until = excluded.until "
+                "WHERE leases.until < ? OR leases.holder = excluded.holder",
+                (name, holder, now + ttl, now))
+            return cursor.rowcount == 1
+
+        return await self._db(work)
+
+    async def release(self, name: str, holder: str) -> None:
+        await self._db(lambda: self._sql().execute(
+            "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
+
+    async def holder(self, name: str) -> str | None:
+        def work() -> str | None:
+            row = self._sql().execute("SELECT holder FROM leases WHERE name = ? AND until >= ?",
+                                      (name, time.time())).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._db(work)
+
+    async def drop_leases(self) -> None:
+        """Forget every lease: at start-up of the one process that owns this folder."""
+        await self._db(lambda: self._sql().execute("DELETE FROM leases"))
+
+    # --- bytes ----------------------------------------------------------------------------
+
+    def _path(self, upload_id: str) -> Path:
+        if not upload_id or "/" in upload_id or upload_id.startswith("."):
+            raise ValueError(f"not an upload id: {upload_id!r}")
+        return self._data / upload_id
+
+    async def open_writer(self, upload_id: str, offset: int) -> ChunkWriter:
+        path = self._path(upload_id)
+        fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT, 0o600)
+        return ChunkWriter(fd, offset)
+
+    async def close_writer(self, upload_id: str, writer: ChunkWriter, keep: int | None,
+                           sync: bool) -> int:
+        def work() -> int:
+            try:
+                if keep is not None and os.fstat(writer.fd).st_size > keep:
+                    os.ftruncate(writer.fd, keep)
+                if sync and self.fsync:
+                    os.fsync(writer.fd)
+                return os.fstat(writer.fd).st_size
+            finally:
+                os.close(writer.fd)
+
+        return await asyncio.to_thread(work)
+
+    async def read(self, upload_ids: Sequence[str], limits: Sequence[int]) -> AsyncIterator[bytes]:
+        for upload_id, limit in zip(upload_ids, limits, strict=True):
+            if limit == 0:
+                continue  # an empty upload may never have had a data file
+            file = await asyncio.to_thread(open, self._path(upload_id), "rb")
+            try:
+                remaining = limit
+                while remaining > 0:
+                    chunk = await asyncio.to_thread(file.read, min(READ_SIZE, remaining))
+                    if not chunk:
+                        raise OSError(f"data of upload {upload_id} is shorter than recorded")
+                    remaining -= len(chunk)
+                    yield chunk
+            finally:
+                file.close()
+
+    async def size(self, upload_id: str) -> int:
+        def work() -> int:
+            try:
+                return self._path(upload_id).stat().st_size
+            except FileNotFoundError:
+                return 0
+
+        return await asyncio.to_thread(work)
+
+    async def truncate(self, upload_id: str, size: int) -> None:
+        def work() -> None:
+            path = self._path(upload_id)
+            if path.exists():
+                os.truncate(path, size)
+
+        await asyncio.to_thread(work)
+
+    async def discard(self, upload_id: str) -> None:
+        await asyncio.to_thread(self._path(upload_id).unlink, missing_ok=True)
+
+    async def free_bytes(self) -> int:
+        return (await asyncio.to_thread(shutil.disk_usage, self._data)).free
+
+
+def _to_json(upload: Upload) -> str:
+    record = asdict(upload)
+    if upload.answer is not None:
+        record["answer"]["body"] = base64.b64encode(upload.answer.body).decode("ascii")
+    return json.dumps(record)
+
+
+def _from_json(text: str) -> Upload:
+    record: dict[str, Any] = json.loads(text)
+    if record.get("target") is not None:
+        target = record["target"]
+        target["headers"] = _pairs(target["headers"])
+        record["target"] = Target(**target)
+    answer = record.get("answer")
+    if answer is not None:
+        answer["headers"] = _pairs(answer["headers"])
+        answer["body"] = base64.b64decode(answer["body"])
+        record["answer"] = Answer(**answer)
+    record["parts"] = tuple(record["parts"])
+    record["state"] = State(record["state"])
+    return Upload(**record)
+
+
+def _pairs(items: list[list[str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((name, value) for name, value in items)

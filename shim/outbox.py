@@ -1,0 +1,315 @@
+"""Delivery as a durable outbox: one worker sends finished files to the legacy server.
+
+The way a mail server queues: an upload that became COMPLETE is in the store's outbox
+(derived from its state and `next_attempt`, so it survives a restart). The worker takes a due
+upload under a delivery lease, moves it to DELIVERING, sends it once and records the outcome
+before anyone is told. At most one attempt per upload is ever in flight; the requests of
+clients only wait for outcomes (`outcome`), they never send anything themselves.
+
+Outcomes (`shim.lifecycle` names the moves):
+- a 2xx answer: DELIVERED; any other answer but 502/503/504: REFUSED. Recorded, replayed.
+- no connection, a break before the whole file was sent, or 502/503/504: back to COMPLETE
+  with exponential backoff, until `give_up_after` has passed since the first attempt: FAILED.
+- the whole file was sent and no answer came (or the shim stopped in DELIVERING): the
+  outcome is unknown; `on_unknown: hold` makes it FAILED (no second attempt), `retry` queues
+  it again (at-least-once).
+Every attempt carries `Idempotency-Key` (draft-ietf-httpapi-idempotency-key-header) with
+the upload id, so a legacy server that honours it can drop a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from shim.lifecycle import Event, IllegalTransition, State
+from shim.model import Answer, Upload
+from shim.store import Conflict, Store, StoreError, pieces, transition
+from shim.upstream import OutcomeUnknown, Unreachable, Upstream
+
+log = logging.getLogger("shim.outbox")
+
+LEASE_TTL = 60.0
+"""A delivery lease lapses this long after its last renewal; the worker renews it far
+sooner, so only a crashed instance's lease lapses."""
+TICK = 5.0
+"""The worker looks at the outbox at least this often."""
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    wait: float = 30.0
+    """How long a client's final request waits for the outcome before 503 + Retry-After."""
+    give_up_after: float = 86400.0
+    on_unknown: Literal["hold", "retry"] = "hold"
+    first_backoff: float = 1.0
+    max_backoff: float = 300.0
+    concurrency: int = 4
+    """Deliveries in flight at once (each to a different upload)."""
+
+    def backoff(self, attempts: int) -> float:
+        return float(min(self.max_backoff, self.first_backoff * 2 ** max(0, attempts - 1)))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a client is told about the delivery of a finished file."""
+
+    answer: Answer | None
+    """The legacy server's recorded answer, accepting or refusing."""
+    problem: str = ""
+    code: str = ""
+    """Why there is no answer: "pending" (503), "failed" (502), "unrecorded" (507: an answer
+    came but could not be recorded yet), "digest-mismatch" (400, nothing was sent)."""
+    retry_after: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        return self.answer is not None and self.answer.accepted
+
+    @property
+    def status(self) -> int:
+        """The status a client gets while there is no answer to give it."""
+        return {"pending": 503, "unrecorded": 507, "digest-mismatch": 400}.get(self.code, 502)
+
+    @property
+    def fields(self) -> tuple[tuple[str, str], ...]:
+        """Header fields of that reply: when to ask again (RFC 9110 section 10.2.3)."""
+        return (("Retry-After", str(self.retry_after)),) if self.retry_after else ()
+
+    @property
+    def message(self) -> str:
+        return f"the upload is complete but not delivered: {self.problem}"
+
+
+class Outbox:
+    def __init__(self, store: Store, upstream: Upstream, policy: DeliveryPolicy | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.policy = policy or DeliveryPolicy()
+        self.clock = clock
+        self.instance = secrets.token_hex(8)
+        self._kicked = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._holders: dict[str, str] = {}
+        self._settled: dict[str, asyncio.Event] = {}
+        self._unrecorded: dict[str, Delivery] = {}
+        self._worker: asyncio.Task[None] | None = None
+
+    # --- running --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="shim-outbox")
+
+    async def stop(self) -> None:
+        tasks = [task for task in (self._worker, *self._running.values()) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._worker = None
+
+    def kick(self) -> None:
+        """Look at the outbox now (an upload just became COMPLETE)."""
+        self._kicked.set()
+
+    async def _run(self) -> None:
+        while True:
+            delay = TICK
+            try:
+                await self._renew()
+                await self._dispatch()
+                due = await self.store.next_due()
+                if due is not None:
+                    delay = min(TICK, max(0.0, due - self.clock()))
+            except Exception:
+                log.exception("shim: the delivery worker failed; trying again in %.0fs", TICK)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kicked.wait(), delay)
+            self._kicked.clear()
+
+    async def _dispatch(self) -> None:
+        room = self.policy.concurrency - len(self._running)
+        if room <= 0:
+            return
+        for upload_id in await self.store.due(self.clock(), room + len(self._running)):
+            if upload_id in self._running or len(self._running) >= self.policy.concurrency:
+                continue
+            task = asyncio.create_task(self._attempt(upload_id), name=f"deliver-{upload_id}")
+            self._running[upload_id] = task
+            task.add_done_callback(functools.partial(self._done, upload_id))
+
+    def _done(self, upload_id: str, _: object = None) -> None:
+        self._running.pop(upload_id, None)
+        self._notify(upload_id)
+        self.kick()  # a slot is free, and the outbox may hold more
+
+    def _notify(self, upload_id: str) -> None:
+        event = self._settled.pop(upload_id, None)
+        if event is not None:
+            event.set()
+
+    async def _renew(self) -> None:
+        for upload_id, holder in list(self._holders.items()):
+            await self.store.acquire(f"deliver:{upload_id}", holder, LEASE_TTL)
+
+    # --- one attempt ----------------------------------------------------------------------
+
+    async def _attempt(self, upload_id: str) -> None:
+        """One delivery attempt under the upload's delivery lease: its one release path."""
+        lease, holder = f"deliver:{upload_id}", f"{self.instance}:{secrets.token_hex(4)}"
+        if not await self.store.acquire(lease, holder, LEASE_TTL):
+            return  # another worker has it
+        self._holders[upload_id] = holder
+        try:
+            upload = await self.store.load(upload_id)
+            if upload is not None:
+                await self._deliver(upload)
+        except (Conflict, IllegalTransition):
+            log.info("upload %s changed during its delivery attempt; looking again", upload_id)
+        except Exception:
+            log.exception("shim: the delivery attempt of upload %s failed", upload_id)
+        finally:
+            self._holders.pop(upload_id, None)
+            await self.store.release(lease, holder)
+
+    async def _deliver(self, upload: Upload) -> None:
+        now = self.clock()
+        if upload.state is State.DELIVERING:  # its lease lapsed: the shim stopped mid-way
+            await self._record(upload, *self._unknown(upload, "the shim stopped during a "
+                                                      "delivery; the outcome is unknown"))
+            return
+        if upload.state is not State.COMPLETE or upload.next_attempt > now:
+            return
+        if upload.first_attempt is not None and now - upload.first_attempt > self.policy.give_up_after:
+            await self._record(upload, Event.GIVE_UP, {"problem": f"gave up: {upload.problem}"})
+            return
+        upload = await transition(self.store, upload, Event.ATTEMPT, attempts=upload.attempts + 1,
+                                  first_attempt=upload.first_attempt or now, updated=now)
+        self._notify(upload.id)
+        event, changes = await self._send(upload)
+        await self._record(upload, event, changes)
+
+    async def _send(self, upload: Upload) -> tuple[Event, dict[str, Any]]:
+        """Send the file once; the move and the changes that record how it went."""
+        assert upload.target is not None and upload.length is not None
+        digest = hashlib.sha256()
+        sent = {"all": False}
+
+        async def body() -> AsyncIterator[bytes]:
+            ids, sizes = await pieces(self.store, upload)
+            async for chunk in self.store.read(ids, sizes):
+                digest.update(chunk)
+                yield chunk
+            sent["all"] = True
+
+        key = (("Idempotency-Key", f'"{upload.id}"'),)
+        try:
+            answer = await self.upstream.send(upload.target, upload.length, body(), key)
+        except Unreachable as exc:
+            return self._transient(upload, str(exc))
+        except OutcomeUnknown as exc:
+            return self._unknown(upload, str(exc))
+        except asyncio.CancelledError:
+            move = self._unknown(upload, "the shim stopped during the delivery") if sent["all"] \
+                else self._transient(upload, "the shim stopped before the whole file was sent")
+            await asyncio.shield(self._record(upload, *move))
+            raise
+        log.info("upload %s: the legacy server answered %d to %s %s", upload.id, answer.status,
+                 upload.target.method, upload.target.path)
+        if answer.status in RETRYABLE_STATUSES:
+            return self._transient(upload, f"the legacy server answered {answer.status}")
+        if answer.accepted:
+            return Event.ACCEPTED, {"answer": answer, "problem": "",
+                                    "sha256": digest.hexdigest() if sent["all"] else None}
+        return Event.REFUSED, {"answer": answer, "problem": ""}
+
+    def _transient(self, upload: Upload, problem: str) -> tuple[Event, dict[str, Any]]:
+        log.warning("upload %s: delivery attempt %d failed: %s", upload.id, upload.attempts, problem)
+        first = upload.first_attempt or self.clock()
+        if self.clock() - first > self.policy.give_up_after:
+            return Event.GIVE_UP, {"problem": f"gave up: {problem}"}
+        return Event.TRANSIENT, {"problem": problem,
+                                 "next_attempt": self.clock() + self.policy.backoff(upload.attempts)}
+
+    def _unknown(self, upload: Upload, problem: str) -> tuple[Event, dict[str, Any]]:
+        log.warning("upload %s: %s (on_unknown: %s)", upload.id, problem, self.policy.on_unknown)
+        if self.policy.on_unknown == "retry":
+            return Event.UNKNOWN_RETRY, {
+                "problem": problem, "next_attempt": self.clock() + self.policy.backoff(upload.attempts)}
+        return Event.UNKNOWN_HOLD, {"problem": problem}
+
+    async def _record(self, upload: Upload, event: Event, changes: dict[str, Any]) -> None:
+        """Write the outcome before anyone is told. If the store cannot take it (a full disk),
+        waiting clients are told 507 and the write is tried again until it succeeds: the
+        attempt keeps its lease meanwhile, so nothing delivers the file again."""
+        changes["updated"] = self.clock()
+        while True:
+            try:
+                saved = await transition(self.store, upload, event, **changes)
+                break
+            except StoreError as exc:
+                answer = changes.get("answer")
+                self._unrecorded[upload.id] = Delivery(
+                    answer if isinstance(answer, Answer) else None,
+                    f"the outcome could not be recorded: {exc}", "unrecorded", 5)
+                self._notify(upload.id)
+                await asyncio.sleep(1.0)
+        self._unrecorded.pop(upload.id, None)
+        if saved.state in (State.DELIVERED, State.REFUSED):
+            await self._discard_bytes(saved)
+
+    async def _discard_bytes(self, upload: Upload) -> None:
+        """The file is out of the shim's hands: free its disk. The parts of a concatenation
+        stay: other final uploads may use them, and they expire on their own."""
+        if not upload.parts:
+            await self.store.discard(upload.id)
+
+    # --- what clients are told ------------------------------------------------------------
+
+    async def outcome(self, upload_id: str) -> Delivery:
+        """The recorded outcome, waiting up to `policy.wait` for the attempt in flight (or the
+        first one); never starts an attempt of its own."""
+        deadline = time.monotonic() + self.policy.wait
+        while True:
+            unrecorded = self._unrecorded.get(upload_id)
+            if unrecorded is not None:
+                return unrecorded
+            upload = await self.store.load(upload_id)
+            told = _told(upload, self.clock())
+            if told is not None:
+                return told
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Delivery(None, "the legacy server has not answered yet", "pending",
+                                max(1, min(30, math.ceil(self.policy.wait))))
+            settled = self._settled.setdefault(upload_id, asyncio.Event())
+            self.kick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), remaining)
+
+
+def _told(upload: Upload | None, now: float) -> Delivery | None:
+    """What a client is told of an upload's delivery now; None while an attempt is due or
+    in flight."""
+    if upload is None or upload.gone:
+        return Delivery(None, "the upload is gone", "failed")
+    if upload.state in (State.DELIVERED, State.REFUSED):
+        return Delivery(upload.answer)
+    if upload.state is State.FAILED:
+        return Delivery(None, upload.problem, "failed")
+    if upload.state is State.COMPLETE and upload.attempts and upload.next_attempt > now:
+        retry_after = max(1, math.ceil(upload.next_attempt - now))
+        return Delivery(None, f"{upload.problem}; trying again in {retry_after}s", "pending",
+                        retry_after)
+    return None
