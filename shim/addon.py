@@ -70,6 +70,8 @@ class Shim:
         self._config_path: str | None = None
         self.store: LocalStore | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        """Set once start-up recovery is done: no request sees a record before it."""
         self.origin: Origin | None = None
         self._eager_sink = False
         self._rewrite_host = True
@@ -125,6 +127,7 @@ class Shim:
         repaired = await engine.recover()
         if repaired:
             log.info("shim: recovered %d uploads after a restart", repaired)
+        self._ready.set()
         engine.outbox.start()
         self._tasks = [
             asyncio.create_task(every(SWEEP_INTERVAL, self._sweep, "the expiry sweep")),
@@ -184,6 +187,8 @@ class Shim:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self.engine is None:
             return
+        if not self._ready.is_set():
+            await self._ready.wait()
         try:
             state = await self._claim(flow, _to_model(flow.request, flow.client_conn.tls_established))
         except Exception:

@@ -86,6 +86,7 @@ class Append:
         self.interrupt: Callable[[], object] | None = None
         """Ends the request that carries this body; set by whoever owns the connection."""
         self.released = asyncio.Event()
+        self.ended = False
         self.digests: dict[str, str] = dict(upload.digests)
         """Digests of the whole file to save once this body is accepted (RFC 9530)."""
 
@@ -271,10 +272,10 @@ class Engine:
                            digests: dict[str, str] | None = None) -> Append:
         """Check an append before its body arrives, take the write lease, open the file."""
         self._refuse_if_busy(upload)
-        if not upload.receiving or upload.parts:
-            raise ShimError("completed", "the upload is already complete", 403)
         if offset != upload.offset:
             raise errors.offset_mismatch(upload.offset, offset)
+        if not upload.receiving or upload.parts:
+            raise ShimError("completed", "the upload is already complete", 403)
         return await self._open(upload, upload.offset, body_length, checksum, max_size, digests)
 
     async def begin_range(self, upload: Upload, start: int, body_length: int | None,
@@ -344,10 +345,9 @@ class Engine:
         """The one release path of a write lease: commit (or drop) the body's bytes, save the
         offset, close the file and give the lease up, whatever raises on the way."""
         upload_id = append.upload.id
-        if self._writers.get(upload_id) is append:
-            del self._writers[upload_id]
-        else:
-            return append.upload  # ended already
+        if append.ended:
+            return append.upload
+        append.ended = True
         try:
             size = append.writer.position if keep else append.writer.start
             if append.upload.length is not None:
@@ -363,6 +363,9 @@ class Engine:
             return await self.change(append.upload, offset=min(stored, size),
                                      unverified_from=None, updated=self.clock(), **accepted)
         finally:
+            # Only now: until the offset is saved, HEAD reports the writer's own position.
+            if self._writers.get(upload_id) is append:
+                del self._writers[upload_id]
             await self.store.release(f"write:{upload_id}", append.holder)
             append.released.set()
 

@@ -111,7 +111,7 @@ class Exchange:
 
         self._begun = asyncio.ensure_future(run())
 
-    async def _settled_begin(self) -> None:
+    async def begun(self) -> None:
         """Wait for a background `begin`; whatever it raised is this request's failure."""
         if self._begun is None:
             return
@@ -281,23 +281,23 @@ class Exchange:
         """Wait until every queued chunk of a byte-range body has been worked off."""
         if self._segments is not None and self._segments_task is not None:
             self._segments.put_nowait(None)
-            await self._segments_task
+            task, self._segments_task = self._segments_task, None
+            await task
 
     def _refuse_body(self, error: ShimError) -> None:
         """What the body says is wrong: nothing of this request is kept."""
         if self.append is not None and self.append.failure is None:
             self.append.failure = error
-        elif self.append is None:
+        elif self.append is None and self.error is None:
             self.error = error
 
     async def abort(self) -> None:
         """The client went away (or the shim failed): keep what arrived, release the lease.
         Safe to call more than once, and after `finish`."""
         with contextlib.suppress(Exception):  # a failed begin holds nothing
-            await self._settled_begin()
-        if self._segments_task is not None and not self._segments_task.done():
-            self._segments_task.cancel()
-            await asyncio.gather(self._segments_task, return_exceptions=True)
+            await self.begun()
+        with contextlib.suppress(Exception):  # every chunk that arrived is written first
+            await self._segments_done()
         if self.append is not None:
             append, self.append = self.append, None
             upload = await self.engine.abort_append(append)
@@ -305,7 +305,7 @@ class Exchange:
 
     async def finish(self) -> Reply:
         try:
-            await self._settled_begin()
+            await self.begun()
             outcome = await self._finish()
         except ShimError as exc:
             outcome = c.Outcome(upload=self.upload, error=exc)
@@ -314,6 +314,7 @@ class Exchange:
         return self.protocol.render(self.request, self.command, outcome)
 
     async def _finish(self) -> c.Outcome:
+        await self._segments_done()
         if self.error is not None:
             return c.Outcome(upload=self.upload, error=self.error)
         command = self.command
@@ -354,7 +355,6 @@ class Exchange:
 
     async def _end_segments(self, command: c.WriteSegments) -> c.Outcome | None:
         """The byte-range body ended: an outcome if it was refused, else None."""
-        await self._segments_done()
         try:
             command.decoder.end()
         except ShimError as exc:
@@ -388,6 +388,6 @@ class Exchange:
             upload = await self.engine.store.load(upload.id) or upload
         elif upload.complete:
             for whole in await self.engine.wholes_of(upload):
-                if whole.complete:
-                    await self.engine.settle(whole)
+                if whole.complete:  # the part that finishes a file answers with its delivery
+                    delivery = await self.engine.await_delivery(await self.engine.settle(whole))
         return c.Outcome(upload=upload, offset=self.engine.offset_of(upload), delivery=delivery)

@@ -61,7 +61,7 @@ async def exchange(shim: Shim, f: http.HTTPFlow, body: bytes = b"", cut_off: boo
     for start in range(0, len(body), 4):
         assert stream(body[start:start + 4]) == []
     if cut_off:
-        shim.error(f)
+        await shim.error(f)
         return
     stream(b"")
     await shim.request(f)
@@ -144,6 +144,7 @@ def test_a_full_disk_while_streaming_is_507_and_keeps_earlier_bytes(
             f = patch(location, 8, b"b" * 8)
             await shim.requestheaders(f)
             exchange_ = f.metadata["shim"].exchange
+            await exchange_.begun()
             monkeypatch.setattr(exchange_.append.writer, "write", _enospc)
             assert callable(f.request.stream)
             f.request.stream(b"b" * 8)

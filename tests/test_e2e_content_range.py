@@ -853,11 +853,12 @@ def test_upload_id_parameter_outside_the_paths_passes_through(
 
 
 @pytest.mark.parametrize("retry", ["inquiry", "final-chunk"])
-def test_legacy_500_then_retry_delivers_once(
+def test_legacy_503_then_retry_delivers_once(
     shim: ShimLauncher, legacy: WholeFileServer, payload: PayloadFactory, retry: str
 ) -> None:
-    """The final chunk gets the legacy server's 500; once it is back, an inquiry or the
-    retried final chunk delivers (201); after that the answer is replayed, never resent."""
+    """The legacy server answers 503 to the delivery: the final chunk gets 503 with
+    Retry-After and the outbox tries again in the background; an inquiry or the retried
+    final chunk then gets the 201; after that the answer is replayed, never resent."""
     proc = shim()
     size, half = 900_000, 450_000
     source = payload(size)
@@ -866,15 +867,22 @@ def test_legacy_500_then_retry_delivers_once(
     url = f"{proc.url}{target}"
     assert_resume_incomplete(put_chunk(url, data[:half], 0, size), half)
 
-    legacy.fail_status = 500
+    legacy.fail_status = 503
     failed = put_chunk(url, data[half:], half, size)
-    assert failed.status_code == 500, show(failed)
-    assert failed.text == "configured to fail with 500\n"  # the legacy server's own answer
-    assert [(r.status, r.size, r.complete) for r in legacy.received] == [(500, size, True)]
+    assert failed.status_code == 503 and int(failed.headers["Retry-After"]) >= 1, show(failed)
+    assert [(r.status, r.size, r.complete) for r in legacy.received] == [(503, size, True)]
 
     legacy.fail_status = None
-    answered = inquire(url, size) if retry == "inquiry" else put_chunk(url, data[half:], half, size)
-    assert answered.status_code == 201, show(answered)
+    answers: list[requests.Response] = []
+
+    def answered_201() -> bool:
+        answers.append(inquire(url, size) if retry == "inquiry"
+                       else put_chunk(url, data[half:], half, size))
+        assert answers[-1].status_code in (201, 503), show(answers[-1])
+        return answers[-1].status_code == 201
+
+    wait_until(answered_201, 30.0, "the background delivery")
+    answered = answers[-1]
     assert_legacy_stored(legacy, "/api/upload", source, answered.content)
 
     replay = put_chunk(url, data[half:], half, size) if retry == "inquiry" else inquire(url, size)
@@ -882,8 +890,28 @@ def test_legacy_500_then_retry_delivers_once(
 
     assert_no_protocol_leak(legacy)
     statuses = [(r.method, r.path, r.status) for r in legacy.received]
-    assert statuses == [("PUT", target, 500), ("PUT", target, 201)]
+    assert statuses[-1] == ("PUT", target, 201) and len(statuses) >= 2
+    assert [s for _, _, s in statuses[:-1]] == [503] * (len(statuses) - 1)
     assert all((r.size, r.sha256) == (size, sha256_of(source)) for r in legacy.received)
+
+
+def test_legacy_500_is_relayed_and_replayed(
+    shim: ShimLauncher, legacy: WholeFileServer, payload: PayloadFactory
+) -> None:
+    """A 500 is the legacy server's answer: the client gets it, and a retried final chunk or
+    an inquiry gets it again; the file is never sent twice."""
+    proc = shim()
+    size, half = 300_000, 100_000
+    data = payload(size).read_bytes()
+    url = f"{proc.url}/api/upload?file=refused.bin"
+    assert_resume_incomplete(put_chunk(url, data[:half], 0, size), half)
+    legacy.fail_status = 500
+    failed = put_chunk(url, data[half:], half, size)
+    assert (failed.status_code, failed.text) == (500, "configured to fail with 500\n"), show(failed)
+    legacy.fail_status = None
+    for again in (put_chunk(url, data[half:], half, size), inquire(url, size)):
+        assert (again.status_code, again.text) == (500, failed.text), show(again)
+    assert [r.status for r in legacy.received] == [500]
 
 
 # --- 7. the shim is killed ------------------------------------------------------------------

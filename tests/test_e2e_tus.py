@@ -615,20 +615,35 @@ def retry_delivery(proc: ShimProcess, path: str, size: int, how: str) -> request
     return patch(proc, path, size, b"")
 
 
+def retry_until_delivered(proc: ShimProcess, path: str, size: int, how: str) -> requests.Response:
+    """Ask again (HEAD or an empty final PATCH) until the shim's outbox has delivered: it
+    retries in the background with backoff, and says 503 + Retry-After meanwhile."""
+    answers: list[requests.Response] = []
+
+    def delivered() -> bool:
+        answers.append(retry_delivery(proc, path, size, how))
+        assert answers[-1].status_code in (200, 204, 503), show(answers[-1])
+        return answers[-1].status_code != 503
+
+    wait_until(delivered, TIMEOUT, "the background delivery")
+    return answers[-1]
+
+
 @pytest.mark.parametrize("how", ["head", "empty-patch"])
 def test_legacy_down_then_back_delivers_once(
     shim: ShimLauncher, legacy: WholeFileServer, how: str
 ) -> None:
-    """The legacy server is down when the last chunk arrives: 502, the upload stays complete
-    and a HEAD still shows the full offset; once the server is back, a HEAD or an empty
-    final PATCH delivers, once."""
+    """The legacy server is down when the last chunk arrives: 503 with Retry-After, the
+    upload stays complete and a HEAD still shows the full offset; once the server is back,
+    the outbox delivers it (a HEAD or an empty final PATCH gets the answer), once."""
     data = os.urandom(2 * MIB + 5)
     proc = shim()
     path, offset = start_final_patch(proc, data)
     legacy.stop()
 
     final = patch(proc, path, offset, data[offset:])
-    assert final.status_code == 502, show(final)
+    assert final.status_code == 503, show(final)
+    assert int(final.headers["Retry-After"]) >= 1
     assert "Shim-Upstream-Status" not in final.headers
     stale = patch(proc, path, offset, data[offset:])  # the last chunk again: already stored
     assert stale.status_code == 409, show(stale)
@@ -636,13 +651,14 @@ def test_legacy_down_then_back_delivers_once(
     revived = WholeFileServer(legacy.directory, port=legacy.port)
     revived.start()
     try:
-        retry = retry_delivery(proc, path, len(data), how)
+        retry = retry_until_delivered(proc, path, len(data), how)
         assert_accepted(retry, path, 200 if how == "head" else 204)
         assert retry.headers["Upload-Offset"] == str(len(data))
         again = retry_delivery(proc, path, len(data), how)
         assert_accepted(again, path, 200 if how == "head" else 204)
         put = assert_delivered_once(revived, path, data, legacy)
         assert put.header("X-Trace") == "7"
+        assert put.header("Idempotency-Key") == f'"{path.rsplit("/", 1)[1]}"'
         assert puts(legacy) == [] and len(puts(revived)) == 1
     finally:
         revived.stop()
@@ -664,7 +680,7 @@ def test_head_shows_full_offset_while_delivery_fails(
         legacy.fail_status = 500
 
     final = patch(proc, path, offset, data[offset:])
-    assert final.status_code == 502, show(final)
+    assert final.status_code == (503 if failure == "down" else 502), show(final)
     status = head(proc, path)
     assert status.headers.get("Upload-Offset") == str(len(data)), show(status)
     assert status.headers.get("Upload-Length") == str(len(data)), show(status)
@@ -704,14 +720,13 @@ def test_tuspy_retries_until_legacy_is_back(
         revived.stop()
 
 
-@pytest.mark.parametrize(
-    ("fail_status", "answer"), [(500, 502), (503, 502), (403, 403)], ids=["500", "503", "403"]
-)
-def test_legacy_refusal_then_ok_delivers_once(
+@pytest.mark.parametrize(("fail_status", "answer"), [(500, 502), (403, 403)], ids=["500", "403"])
+def test_legacy_refusal_is_final_and_replayed(
     shim: ShimLauncher, legacy: WholeFileServer, fail_status: int, answer: int
 ) -> None:
-    """The legacy server refuses the finished file (5xx -> 502, 4xx passed on); after it
-    recovers, an empty final PATCH delivers; exactly one PUT was accepted."""
+    """The legacy server refuses the finished file (a 4xx passed on, another status as 502):
+    the answer is recorded, and a retried final PATCH or a HEAD gets it again without a
+    second request to the legacy server, even once it would accept."""
     data = os.urandom(MIB + 3)
     proc = shim()
     path, offset = start_final_patch(proc, data)
@@ -725,10 +740,28 @@ def test_legacy_refusal_then_ok_delivers_once(
 
     legacy.fail_status = None
     retry = retry_delivery(proc, path, len(data), "empty-patch")
-    assert_accepted(retry, path)
+    assert retry.status_code == answer, show(retry)
+    assert head(proc, path).headers.get("Shim-Upstream-Status") == str(fail_status)
+    assert [r.status for r in puts(legacy)] == [fail_status]
+
+
+def test_legacy_503_is_retried_in_the_background_once_it_accepts(
+    shim: ShimLauncher, legacy: WholeFileServer
+) -> None:
+    """A 503 from the legacy server is not its last word: the client gets 503 with
+    Retry-After, the outbox tries again with backoff, and the file is accepted once."""
+    data = os.urandom(MIB + 3)
+    proc = shim()
+    path, offset = start_final_patch(proc, data)
+    legacy.fail_status = 503
+
+    final = patch(proc, path, offset, data[offset:])
+    assert final.status_code == 503 and final.headers.get("Retry-After"), show(final)
+    legacy.fail_status = None
+    assert_accepted(retry_until_delivered(proc, path, len(data), "empty-patch"), path)
     assert_accepted(head(proc, path), path, 200)
-    assert [r.status for r in puts(legacy)] == [fail_status, 201]
-    assert_delivered_once(legacy, path, data, refused=1)
+    assert [r.status for r in puts(legacy)][-1] == 201
+    assert_delivered_once(legacy, path, data, refused=len(puts(legacy)) - 1)
 
 
 def test_delivered_upload_is_never_delivered_twice(
