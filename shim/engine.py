@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -204,8 +205,10 @@ class Engine:
         if upload.gone:
             raise errors.gone(f"the upload was {upload.state}")
         expires = upload.expires
-        if expires is not None and expires < self.clock() and upload.id not in self._writers:
-            await self._expire(upload)
+        if expires is not None and expires < self.clock() and upload.id not in self._writers \
+                and upload.state is not State.DELIVERING:
+            with contextlib.suppress(Conflict, IllegalTransition):
+                await self._expire(upload)
             raise errors.gone("the upload has expired")
         return upload
 
@@ -511,26 +514,37 @@ class Engine:
                 repaired += 1
         return repaired
 
-    async def sweep(self, limit: int = 500) -> int:
-        """Remove uploads whose expiry passed, found through the expiry index."""
+    async def sweep(self, batch: int = 500) -> int:
+        """Remove uploads whose expiry passed, found through the expiry index a batch at a
+        time (each batch awaits the store, so the event loop stays free)."""
         removed = 0
-        for upload_id in await self.store.expired(self.clock(), limit):
-            upload = await self.store.load(upload_id)
-            expires = upload.expires if upload is not None else None
-            if upload is None or expires is None or expires >= self.clock() \
-                    or upload_id in self._writers:
-                continue
-            try:
-                await self._expire(upload)
-                removed += 1
-            except (Conflict, IllegalTransition, ShimError):
-                continue  # it changed meanwhile (or is being delivered): not expired
-        return removed
+        while True:
+            due = await self.store.expired(self.clock(), batch)
+            swept = [await self._sweep_one(upload_id) for upload_id in due]
+            removed += sum(swept)
+            if len(due) < batch or not any(swept):
+                return removed
+
+    async def _sweep_one(self, upload_id: str) -> bool:
+        upload = await self.store.load(upload_id)
+        if upload is None:
+            await self.store.forget(upload_id)  # a hint left by a write that failed
+            return False
+        expires = upload.expires
+        if expires is None or expires >= self.clock() or upload_id in self._writers:
+            return False
+        try:
+            await self._expire(upload)
+        except (Conflict, IllegalTransition):
+            return False  # it changed meanwhile, or is being delivered: not expired
+        return True
 
     async def _expire(self, upload: Upload) -> None:
-        """EXPIRED, then forgotten: the record goes (its version checked), and its bytes."""
-        expired = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
-        await self.store.remove(expired)
+        """EXPIRED, then forgotten: the record goes (its version checked), and its bytes. A
+        terminated upload's record (kept to answer 410) just goes."""
+        if not upload.gone:
+            upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
+        await self.store.remove(upload)
 
 
 async def every(interval: float, step: Callable[[], Awaitable[object]], name: str) -> None:

@@ -41,6 +41,7 @@ READ_SIZE = 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS links (key TEXT PRIMARY KEY, upload_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS links_upload ON links (upload_id);
 CREATE TABLE IF NOT EXISTS expiry (upload_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS expiry_at ON expiry (at);
 CREATE TABLE IF NOT EXISTS outbox (upload_id TEXT PRIMARY KEY, due REAL NOT NULL);
@@ -116,7 +117,7 @@ class LocalStore:
         """Entries the new record needs, written first (see the module docstring)."""
         sql = self._sql()
         expires = upload.expires
-        if expires is not None and not upload.gone:
+        if expires is not None:  # terminated ones too: their record goes when they expire
             sql.execute("INSERT OR REPLACE INTO expiry VALUES (?, ?)", (upload.id, expires))
         if upload.state in AWAITING_DELIVERY:
             sql.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)",
@@ -125,7 +126,7 @@ class LocalStore:
     def _index_after(self, upload: Upload) -> None:
         """Entries the new record no longer needs, removed once it is written."""
         sql = self._sql()
-        if upload.expires is None or upload.gone:
+        if upload.expires is None:
             sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload.id,))
         if upload.state not in AWAITING_DELIVERY:
             sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload.id,))
@@ -137,13 +138,19 @@ class LocalStore:
                 if current is None or current.version != upload.version:
                     raise Conflict(f"upload {upload.id} changed since it was read")
                 self._meta.delete(f"upload:{upload.id}")
-            sql = self._sql()
-            sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload.id,))
-            sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload.id,))
-            sql.execute("DELETE FROM links WHERE upload_id = ?", (upload.id,))
+            self._forget(upload.id)
 
         await self._db(work)
         await self.discard(upload.id)
+
+    async def forget(self, upload_id: str) -> None:
+        await self._db(lambda: self._forget(upload_id))
+
+    def _forget(self, upload_id: str) -> None:
+        sql = self._sql()
+        sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload_id,))
+        sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload_id,))
+        sql.execute("DELETE FROM links WHERE upload_id = ?", (upload_id,))
 
     async def ids(self) -> list[str]:
         return await self._db(lambda: [key[len("upload:"):] for key in self._meta.iterkeys()

@@ -122,6 +122,9 @@ class Store(Protocol):
     async def due(self, now: float, limit: int = 100) -> list[str]:
         """Ids of uploads awaiting delivery whose next attempt is due (a hint, likewise)."""
 
+    async def forget(self, upload_id: str) -> None:
+        """Drop the index entries of an upload that has no record (hints a failed write left)."""
+
     async def next_due(self) -> float | None:
         """When the earliest delivery in the outbox is due; None when it is empty."""
 
