@@ -496,7 +496,8 @@ class Engine:
     # --- housekeeping ---------------------------------------------------------------------
 
     async def recover(self) -> int:
-        """At start-up: commit bytes that reached the disk, drop unverified ones."""
+        """At start-up: commit bytes that reached the disk, drop unverified ones, and queue
+        uploads that were complete but not yet in the outbox when the shim stopped."""
         repaired = 0
         for upload_id in await self.store.ids():
             upload = await self.store.load(upload_id)
@@ -510,8 +511,10 @@ class Engine:
                 limit = upload.length if upload.length is not None else stored
                 offset = max(upload.offset, min(stored, limit))
             if (offset, upload.unverified_from) != (upload.offset, None):
-                await self.change(upload, offset=offset, unverified_from=None)
+                upload = await self.change(upload, offset=offset, unverified_from=None)
                 repaired += 1
+            with contextlib.suppress(ShimError):  # a digest mismatch terminates it
+                await self.settle(upload)  # complete before the crash, never queued
         return repaired
 
     async def sweep(self, batch: int = 500) -> int:

@@ -40,7 +40,7 @@ from shim.store import ChunkWriter, Conflict, StoreError
 READ_SIZE = 1024 * 1024
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS links (key TEXT PRIMARY KEY, upload_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS links (key BLOB PRIMARY KEY, upload_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS links_upload ON links (upload_id);
 CREATE TABLE IF NOT EXISTS expiry (upload_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS expiry_at ON expiry (at);
@@ -68,7 +68,7 @@ class LocalStore:
         """Run `work` on the store's thread; its database errors become StoreError."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._db_thread, work)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: closed
             raise StoreError(str(exc)) from exc
 
     def _sql(self) -> sqlite3.Connection:
@@ -160,26 +160,30 @@ class LocalStore:
 
     async def link(self, key: str, upload_id: str) -> None:
         await self._db(lambda: self._sql().execute(
-            "INSERT OR REPLACE INTO links VALUES (?, ?)", (key, upload_id)))
+            "INSERT OR REPLACE INTO links VALUES (?, ?)", (_key(key), upload_id)))
 
     async def resolve(self, key: str) -> str | None:
         def work() -> str | None:
-            row = self._sql().execute("SELECT upload_id FROM links WHERE key = ?", (key,)).fetchone()
+            row = self._sql().execute("SELECT upload_id FROM links WHERE key = ?",
+                                      (_key(key),)).fetchone()
             return str(row[0]) if row else None
 
         return await self._db(work)
 
     async def unlink(self, key: str, upload_id: str) -> None:
         await self._db(lambda: self._sql().execute(
-            "DELETE FROM links WHERE key = ? AND upload_id = ?", (key, upload_id)))
+            "DELETE FROM links WHERE key = ? AND upload_id = ?", (_key(key), upload_id)))
 
     async def links(self, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
         def work() -> list[tuple[str, str]]:
-            # A range on the primary key: `prefix` <= key < `prefix` + U+10FFFF.
-            rows = self._sql().execute(
-                "SELECT key, upload_id FROM links WHERE key >= ? AND key < ? ORDER BY key LIMIT ?",
-                (prefix, prefix + "\U0010ffff", limit)).fetchall()
-            return [(str(key), str(upload_id)) for key, upload_id in rows]
+            start = _key(prefix)
+            end = _successor(start)
+            query = "SELECT key, upload_id FROM links WHERE key >= ?" + (
+                " AND key < ?" if end is not None else "") + " ORDER BY key LIMIT ?"
+            values = (start, end, limit) if end is not None else (start, limit)
+            rows = self._sql().execute(query, values).fetchall()
+            return [(bytes(key).decode("utf-8", "surrogateescape"), str(upload_id))
+                    for key, upload_id in rows]
 
         return await self._db(work)
 
@@ -294,6 +298,20 @@ class LocalStore:
 
     async def free_bytes(self) -> int:
         return (await asyncio.to_thread(shutil.disk_usage, self._data)).free
+
+
+def _key(key: str) -> bytes:
+    """Keys as bytes: a request path may hold bytes that are not UTF-8 (mitmproxy passes them
+    on as surrogate escapes), which SQLite text cannot hold."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The least byte string above every string that starts with `prefix` (None: no bound)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 def _to_json(upload: Upload) -> str:

@@ -194,8 +194,8 @@ class Outbox:
         if upload.first_attempt is not None and now - upload.first_attempt > self.policy.give_up_after:
             await self._record(upload, Event.GIVE_UP, {"problem": f"gave up: {upload.problem}"})
             return
-        upload = await transition(self.store, upload, Event.ATTEMPT, attempts=upload.attempts + 1,
-                                  first_attempt=upload.first_attempt or now, updated=now)
+        upload = await transition(self.store, upload, Event.ATTEMPT, updated=now, update=lambda u: {
+            "attempts": u.attempts + 1, "first_attempt": u.first_attempt or now})
         self._notify(upload.id)
         event, changes = await self._send(upload)
         await self._record(upload, event, changes)

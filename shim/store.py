@@ -15,7 +15,7 @@ Nothing here touches a disk; a backend must not block the event loop.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -31,17 +31,21 @@ class StoreError(Exception):
     """The store could not do what was asked (a full disk, a broken database)."""
 
 
-async def transition(store: Store, upload: Upload, event: Event | None = None,
-                     retries: int = 8, **changes: Any) -> Upload:
-    """Save `upload` with `changes`, its state moved by `event` (`shim.lifecycle`).
+async def transition(store: Store, upload: Upload, event: Event | None = None, *,
+                     update: Callable[[Upload], dict[str, Any]] | None = None,
+                     retries: int = 64, **changes: Any) -> Upload:
+    """Save `upload` with `changes` (and those `update` computes from it), its state moved by
+    `event` (`shim.lifecycle`).
 
-    On a conflict the record is read again and the same change applied to it, so a
-    concurrent change is never overwritten; IllegalTransition when the newer state does not
-    allow `event`, Conflict when the upload vanished or kept changing."""
+    On a conflict the record is read again and the change applied to the newer record
+    (`update` recomputed from it), so a concurrent change is never overwritten;
+    IllegalTransition when the newer state does not allow `event`, Conflict when the upload
+    vanished or kept changing."""
     for _ in range(retries):
         state = advance(upload.state, event) if event is not None else upload.state
+        computed = update(upload) if update is not None else {}
         try:
-            return await store.save(replace(upload, state=state, **changes))
+            return await store.save(replace(upload, state=state, **changes, **computed))
         except Conflict:
             fresh = await store.load(upload.id)
             if fresh is None:
@@ -97,7 +101,8 @@ class Store(Protocol):
         return it with the new version. Conflict otherwise."""
 
     async def remove(self, upload: Upload) -> None:
-        """Forget an upload, record and bytes, if the stored version is `upload.version`."""
+        """Forget an upload (record, bytes, index entries and the keys naming it) if the
+        stored version is `upload.version`; Conflict otherwise."""
 
     async def ids(self) -> list[str]:
         """Every stored upload id: for recovery at start-up only."""

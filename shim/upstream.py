@@ -109,7 +109,8 @@ class Upstream:
         except (OSError, TimeoutError) as exc:
             raise Unreachable(f"cannot connect to {self.origin.authority}: {exc!r}") from exc
         conn = h11.Connection(h11.CLIENT)
-        answer = asyncio.ensure_future(self._read_answer(conn, reader))
+        sending = asyncio.Event()
+        answer = asyncio.ensure_future(self._read_answer(conn, reader, sending))
         sent_all = False
         try:
             total = len(framing.head) + length + len(framing.tail)
@@ -118,7 +119,9 @@ class Upstream:
             try:
                 await self._send_all(conn, writer, head, framing, body, answer)
                 sent_all = not answer.done()
+                sending.set()
             except (OSError, TimeoutError, h11.ProtocolError) as exc:
+                sending.set()
                 if not answer.done():  # the server may have answered and closed: look first
                     await asyncio.wait([answer], timeout=min(self.timeout, 5.0))
                 if not answer.done() or answer.exception() is not None:
@@ -169,17 +172,28 @@ class Upstream:
             writer.write(data)
             await self._timed(writer.drain())
 
+    async def _receive(self, reader: asyncio.StreamReader, sending: asyncio.Event) -> bytes:
+        """The next bytes of the answer. Silence is a timeout only once the whole request is
+        sent: a legacy server still reading a long body answers when it is done."""
+        while True:
+            try:
+                return await self._timed(reader.read(65536))
+            except TimeoutError:
+                if sending.is_set():
+                    raise
+
     async def _timed[T](self, step: Awaitable[T]) -> T:
         async with asyncio.timeout(self.timeout):
             return await step
 
-    async def _read_answer(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Answer:
+    async def _read_answer(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                           sending: asyncio.Event) -> Answer:
         response: h11.Response | None = None
         body = bytearray()
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await self._timed(reader.read(65536)))
+                conn.receive_data(await self._receive(reader, sending))
             elif isinstance(event, h11.Response):
                 response = event
             elif isinstance(event, h11.Data):
