@@ -158,6 +158,8 @@ class Engine:
         self.instance = secrets.token_hex(8)
         """Names this process as a lease holder."""
         self._writers: dict[str, Append] = {}
+        self._tickets: dict[str, int] = {}
+        """The newest take-over ticket of each upload written since start (see take_over)."""
         """The bodies this process is writing, by upload id: whose requests a take-over ends."""
 
     # --- records --------------------------------------------------------------------------
@@ -372,19 +374,27 @@ class Engine:
             await self.store.release(f"write:{upload_id}", append.holder)
             append.released.set()
 
-    async def take_over(self, upload_id: str, timeout: float = 10.0) -> None:
-        """End a body still arriving for this upload and wait until its bytes are committed.
+    async def take_over(self, upload_id: str, timeout: float = 10.0) -> int:
+        """End a body still arriving for this upload, wait until its bytes are committed, and
+        return this request's ticket: a request that began earlier but had not started
+        writing yet sees, by `superseded`, that it must not write any more.
 
         A client that lost its connection often comes back before the shim has noticed; the
         IETF draft ("Concurrency") recommends that the new request end the earlier one."""
+        ticket = self._tickets[upload_id] = self._tickets.get(upload_id, 0) + 1
         active = self._writers.get(upload_id)
         if active is None or active.interrupt is None:
-            return
+            return ticket
         active.interrupt()
         try:
             await asyncio.wait_for(active.released.wait(), timeout)
         except TimeoutError:
             log.warning("upload %s: the earlier request did not end in %ss", upload_id, timeout)
+        return ticket
+
+    def superseded(self, upload_id: str, ticket: int) -> bool:
+        """A newer request took the upload over since `ticket` was handed out."""
+        return self._tickets.get(upload_id) != ticket
 
     def _refuse_if_busy(self, upload: Upload) -> None:
         if upload.id in self._writers:
@@ -548,6 +558,7 @@ class Engine:
         if not upload.gone:
             upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
         await self.store.remove(upload)
+        self._tickets.pop(upload.id, None)
 
 
 async def every(interval: float, step: Callable[[], Awaitable[object]], name: str) -> None:

@@ -85,15 +85,23 @@ class Exchange:
 
     async def begin(self) -> None:
         """Do what must happen before the body arrives; remember a refusal for `finish`."""
+        upload_id, ticket = None, 0
         try:
             upload_id = await _superseding(self.engine, self.command)
-            if upload_id is not None:
-                await self.engine.take_over(upload_id)
+            ticket = await self.engine.take_over(upload_id) if upload_id is not None else 0
             await self._begin()
         except ShimError as exc:
             self.error = exc
-        if self.append is not None:
-            self.append.interrupt = self._interrupt
+        if self.append is None:
+            return
+        self.append.interrupt = self._interrupt
+        if upload_id is not None and self.engine.superseded(upload_id, ticket):
+            # A newer request took over while this one was still beginning: it writes
+            # nothing, and ends as a request that is taken over does.
+            self.append.failure = ShimError("superseded", "a newer request on this upload "
+                                            "took over", 409)
+            if self._interrupt is not None:
+                self._interrupt()
 
     def start(self, interrupt: Callable[[], object],
               then: Callable[[], Awaitable[object]] | None = None) -> None:

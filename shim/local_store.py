@@ -27,7 +27,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -333,8 +333,16 @@ def _from_json(text: str) -> Upload:
         answer["body"] = base64.b64decode(answer["body"])
         record["answer"] = Answer(**answer)
     record["parts"] = tuple(record["parts"])
-    record["state"] = State(record["state"])
-    return Upload(**record)
+    record["state"] = State(record.get("state") or _first_round_state(record))
+    known = {f.name for f in fields(Upload)}
+    return Upload(**{name: value for name, value in record.items() if name in known})
+
+
+def _first_round_state(record: dict[str, Any]) -> State:
+    """The state of a record written before states existed (flags `terminated`, `answer`)."""
+    if record.get("terminated"):
+        return State.TERMINATED
+    return State.DELIVERED if record.get("answer") is not None else State.RECEIVING
 
 
 def _pairs(items: list[list[str]]) -> tuple[tuple[str, str], ...]:
