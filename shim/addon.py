@@ -381,7 +381,9 @@ def _to_model(request: http.Request, tls: bool = False) -> Request:
         body_length = None
     else:
         body_length = None if request.is_http2 or request.is_http3 else 0
-    origin = f"{'https' if tls else 'http'}://{authority}" if authority else ""
+    # Absolute URLs only for an authority that can be written back into a header as it came.
+    origin = f"{'https' if tls else 'http'}://{authority}" \
+        if authority and authority.isascii() and authority.isprintable() else ""
     return Request(request.method.upper(), path, query, fields, body_length, origin=origin)
 
 

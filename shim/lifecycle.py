@@ -11,9 +11,11 @@ so an impossible state (delivered twice, terminated while a delivery runs) canno
         |                         +---give_up--------------------------->  FAILED
         +--terminate--> TERMINATED            (from any state but DELIVERING)
         +--expire-----> EXPIRED               (from any state but DELIVERING)
-    COMPLETE --duplicate--> DELIVERED   (the same bytes as a file already delivered)
+    RECEIVING --duplicate--> DELIVERED  (complete, with the bytes of the file delivered just
+                                         before under the same key: its answer is reused)
     FAILED --retry--> COMPLETE          (an operator re-queues it)
-    DELIVERING --recover--> COMPLETE | FAILED  (after a crash: the outcome is unknown)
+    A crash in DELIVERING leaves the outcome unknown: the worker that finds it moves it by
+    unknown-hold or unknown-retry, as `delivery.on_unknown` says.
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ and whose record the delivery worker is about to write."""
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.RECEIVING, Event.COMPLETE): State.COMPLETE,
+    (State.RECEIVING, Event.DUPLICATE): State.DELIVERED,
     (State.COMPLETE, Event.ATTEMPT): State.DELIVERING,
-    (State.COMPLETE, Event.DUPLICATE): State.DELIVERED,
     (State.COMPLETE, Event.GIVE_UP): State.FAILED,
     (State.DELIVERING, Event.ACCEPTED): State.DELIVERED,
     (State.DELIVERING, Event.REFUSED): State.REFUSED,

@@ -193,7 +193,10 @@ class Upstream:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await self._receive(reader, sending))
+                data = await self._receive(reader, sending)
+                if not data and response is None:
+                    raise UpstreamError("the legacy server closed the connection without an answer")
+                conn.receive_data(data)
             elif isinstance(event, h11.Response):
                 response = event
             elif isinstance(event, h11.Data):

@@ -31,7 +31,7 @@ ENDABLE = (S.RECEIVING, S.COMPLETE, S.DELIVERED, S.REFUSED, S.FAILED)
 EXPECTED: dict[tuple[State, Event], State] = {
     (S.RECEIVING, E.COMPLETE): S.COMPLETE,
     (S.COMPLETE, E.ATTEMPT): S.DELIVERING,
-    (S.COMPLETE, E.DUPLICATE): S.DELIVERED,
+    (S.RECEIVING, E.DUPLICATE): S.DELIVERED,
     (S.COMPLETE, E.GIVE_UP): S.FAILED,
     (S.DELIVERING, E.ACCEPTED): S.DELIVERED,
     (S.DELIVERING, E.REFUSED): S.REFUSED,
@@ -159,7 +159,7 @@ def test_failed_leaves_only_by_retry_terminate_or_expire() -> None:
 def test_delivered_is_entered_only_by_an_accepted_delivery_or_a_duplicate() -> None:
     """The only ways to 'delivered' are a 2xx answer or the same bytes already delivered."""
     into = {pair for pair, target in TRANSITIONS.items() if target is S.DELIVERED}
-    assert into == {(S.DELIVERING, E.ACCEPTED), (S.COMPLETE, E.DUPLICATE)}
+    assert into == {(S.DELIVERING, E.ACCEPTED), (S.RECEIVING, E.DUPLICATE)}
 
 
 def test_a_delivery_attempt_starts_only_from_complete() -> None:
