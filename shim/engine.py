@@ -15,7 +15,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,7 +24,7 @@ from shim.errors import ShimError
 from shim.lifecycle import Event, IllegalTransition, State, advance
 from shim.model import Target, Upload
 from shim.outbox import Delivery, Outbox
-from shim.store import ChunkWriter, Conflict, Store, pieces, transition
+from shim.store import ChunkWriter, Conflict, Store, StoreError, pieces, transition
 
 __all__ = ["Append", "Checksum", "Delivery", "Engine", "NewUpload", "ShimError", "new_upload_id"]
 
@@ -92,7 +92,7 @@ class Append:
         """Digests of the whole file to save once this body is accepted (RFC 9530)."""
 
     def feed(self, data: bytes) -> None:
-        if self.failure is not None or not data:
+        if self.failure is not None or not data or self.ended:
             return
         if self.compare:
             data = self._compare(data)
@@ -158,9 +158,10 @@ class Engine:
         self.instance = secrets.token_hex(8)
         """Names this process as a lease holder."""
         self._writers: dict[str, Append] = {}
+        """The bodies this process is writing, by upload id: whose requests a take-over ends."""
         self._tickets: dict[str, int] = {}
         """The newest take-over ticket of each upload written since start (see take_over)."""
-        """The bodies this process is writing, by upload id: whose requests a take-over ends."""
+        self._background: set[asyncio.Future[None]] = set()
 
     # --- records --------------------------------------------------------------------------
 
@@ -347,32 +348,71 @@ class Engine:
         return await self.end_write(append, keep=not append.all_or_nothing)
 
     async def end_write(self, append: Append, keep: bool, **accepted: Any) -> Upload:
-        """The one release path of a write lease: commit (or drop) the body's bytes, save the
-        offset, close the file and give the lease up, whatever raises on the way."""
-        upload_id = append.upload.id
+        """Commit (or drop) a body's bytes, save the offset, close the file and give the write
+        lease up (`_release`, once), whatever raises on the way. If the offset cannot be
+        saved (a full disk), the client gets 507 and the save is retried in the background
+        with the lease held: until it succeeds, HEAD reports the writer's own position, so
+        an offset once shown never goes back."""
         if append.ended:
             return append.upload
         append.ended = True
+        handed_off = False
         try:
-            size = append.writer.position if keep else append.writer.start
-            if append.upload.length is not None:
-                size = min(size, append.upload.length)
+            offset = await self._close_file(append, keep)
             try:
-                stored = await self.store.close_writer(upload_id, append.writer, size, sync=keep)
-            except OSError as exc:
-                log.warning("upload %s: storing the body failed (%s); keeping what reached "
-                            "the disk", upload_id, exc)
-                stored = append.writer.start
-                append.failure = append.failure or errors.insufficient_storage(
-                    f"cannot store the body: {exc.strerror}")
-            return await self.change(append.upload, offset=min(stored, size),
-                                     unverified_from=None, updated=self.clock(), **accepted)
+                return await self.change(append.upload, offset=offset, unverified_from=None,
+                                         updated=self.clock(), **accepted)
+            except StoreError as exc:
+                handed_off = True
+                self._spawn(self._commit_later(append, offset, accepted))
+                raise errors.insufficient_storage(f"the offset could not be recorded: {exc}") from exc
         finally:
-            # Only now: until the offset is saved, HEAD reports the writer's own position.
-            if self._writers.get(upload_id) is append:
-                del self._writers[upload_id]
+            if not handed_off:
+                await self._release(append)
+
+    async def _close_file(self, append: Append, keep: bool) -> int:
+        """Close the data file keeping the body (or not); the offset that is now stored."""
+        size = append.writer.position if keep else append.writer.start
+        if append.upload.length is not None:
+            size = min(size, append.upload.length)
+        try:
+            stored = await self.store.close_writer(append.upload.id, append.writer, size, sync=keep)
+        except OSError as exc:
+            log.warning("upload %s: storing the body failed (%s); keeping what reached the disk",
+                        append.upload.id, exc)
+            append.failure = append.failure or errors.insufficient_storage(
+                f"cannot store the body: {exc.strerror}")
+            return append.writer.start
+        return min(stored, size)
+
+    async def _commit_later(self, append: Append, offset: int, accepted: dict[str, Any]) -> None:
+        try:
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    await self.change(append.upload, offset=offset, unverified_from=None,
+                                      updated=self.clock(), **accepted)
+                    return
+                except StoreError:
+                    continue
+        finally:
+            await self._release(append)
+
+    async def _release(self, append: Append) -> None:
+        """The one release path of a write lease."""
+        upload_id = append.upload.id
+        # Only now: until the offset is saved, HEAD reports the writer's own position.
+        if self._writers.get(upload_id) is append:
+            del self._writers[upload_id]
+        try:
             await self.store.release(f"write:{upload_id}", append.holder)
+        finally:
             append.released.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def take_over(self, upload_id: str, timeout: float = 10.0) -> int:
         """End a body still arriving for this upload, wait until its bytes are committed, and
@@ -408,12 +448,13 @@ class Engine:
     # --- concatenation (tus "concatenation"; several partial uploads make one file) ---------
 
     async def concatenate(self, new: NewUpload) -> Upload:
-        """Create an upload made of `new.parts`, or return the one already made of them."""
+        """Create an upload made of `new.parts`, or return the one a same request made."""
         key = "concat:" + " ".join(new.parts)
         existing_id = await self.store.resolve(key)
         existing = await self.store.load(existing_id) if existing_id else None
-        if existing is not None and existing.owner == new.owner and not existing.gone:
-            return existing
+        if existing is not None and existing.owner == new.owner and not existing.gone \
+                and _same_request(existing, new):
+            return existing  # the same final POST again: one file, one delivery
         parts = [await self.get(part_id, new.owner) for part_id in new.parts]
         if any(part.parts or part.target is not None for part in parts):
             raise errors.bad_request("only partial uploads can be concatenated")
@@ -559,6 +600,16 @@ class Engine:
             upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
         await self.store.remove(upload)
         self._tickets.pop(upload.id, None)
+
+
+def _same_request(existing: Upload, new: NewUpload) -> bool:
+    """Whether `new` asks for what made `existing`: the same metadata, and the same target
+    once each upload's own id is taken out of it (`{id}` in a path template)."""
+    def shape(target: Target | None, upload_id: str) -> Target | None:
+        return replace(target, path=target.path.replace(upload_id, "{id}")) if target else None
+
+    return existing.metadata == new.metadata and \
+        shape(existing.target, existing.id) == shape(new.target, new.id)
 
 
 async def every(interval: float, step: Callable[[], Awaitable[object]], name: str) -> None:

@@ -1,303 +1,1143 @@
-"""The engine on a real store, delivering to the real whole-file server over 127.0.0.1."""
+"""The engine and the delivery outbox on a real LocalStore, delivering over 127.0.0.1.
+
+The legacy server is the real WholeFileServer (its `fail_status` makes it refuse), or a tiny
+asyncio server in this file where a test needs a legacy server that misbehaves on the wire.
+Store faults come from `tests.faulty_store.FaultyStore`. Each test body is one coroutine run
+with `asyncio.run`; the store and the outbox are made inside it and closed at its end. Every
+delivery is counted at the legacy server; waits poll a condition against a deadline.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import errno
 import hashlib
-from collections.abc import Iterator
+import inspect
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from shim import engine as e
-from shim.demo_server import WholeFileServer
+from shim.demo_server import ReceivedRequest, WholeFileServer
 from shim.errors import ShimError
+from shim.lifecycle import Event, State
+from shim.local_store import LocalStore
 from shim.model import Target, Upload
-from shim.store import Store
+from shim.outbox import Delivery, DeliveryPolicy, Outbox
+from shim.store import Store, StoreError, transition
 from shim.upstream import Origin, Upstream
+from tests.faulty_store import FaultyStore
+
+OWNER = "me"
+DEADLINE = 10.0
+"""Seconds any poll may take before the test fails."""
+UPSTREAM_TIMEOUT = 5.0
+NOWHERE = "http://127.0.0.1:9"
+"""The legacy server of tests that deliver nothing (nothing listens on the discard port)."""
+FAST = DeliveryPolicy(wait=DEADLINE, first_backoff=0.05, max_backoff=0.5)
+MIB = 1024 * 1024
+
+
+# --- helpers --------------------------------------------------------------------------------
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    """A clock that moves only when a test moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[WholeFileServer]:
-    legacy = WholeFileServer(tmp_path / "legacy")
-    legacy.start()
-    yield legacy
-    legacy.stop()
+@dataclass
+class Rig:
+    engine: e.Engine
+    store: Store
+    outbox: Outbox
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+@contextlib.asynccontextmanager
+async def rig(tmp_path: Path, origin: str, *, policy: DeliveryPolicy = FAST,
+              clock: Callable[[], float] = time.time, store: Store | None = None,
+              start: bool = True, min_free_bytes: int = 0) -> AsyncIterator[Rig]:
+    """An engine and its outbox on a LocalStore in tmp_path/"store" (or `store`), sending to
+    `origin`; the outbox runs unless `start` is False. Stopped and closed at the end."""
+    if store is None:
+        store = LocalStore(tmp_path / "store", fsync=False)
+    outbox = Outbox(store, Upstream(Origin.parse(origin), timeout=UPSTREAM_TIMEOUT), policy)
+    engine = e.Engine(store, outbox, min_free_bytes, clock)
+    if start:
+        outbox.start()
+    try:
+        yield Rig(engine, store, outbox)
+    finally:
+        await outbox.stop()
+        await store.close()
 
 
-@pytest.fixture
-def engine(tmp_path: Path, server: WholeFileServer, clock: Clock) -> Iterator[e.Engine]:
-    store = Store(tmp_path / "store", fsync=False)
-    yield e.Engine(store, Upstream(Origin.parse(server.url), timeout=10), clock=clock)
-    store.close()
+async def restarted_store(tmp_path: Path) -> LocalStore:
+    """The store folder opened again as a new process would: no lease of the old one is live."""
+    store = LocalStore(tmp_path / "store", fsync=False)
+    await store.drop_leases()
+    return store
 
 
-def new(length: int | None, owner: str = "me", expiration: int = 0, target: bool = True,
-        parts: tuple[str, ...] = ()) -> e.NewUpload:
+def new(length: int | None, *, owner: str = OWNER, expiration: int = 0, target: bool = True,
+        path: str | None = None, parts: tuple[str, ...] = (), max_size: int = 0,
+        digests: dict[str, str] | None = None) -> e.NewUpload:
     upload_id = e.new_upload_id()
     return e.NewUpload(
         id=upload_id, protocol="test", owner=owner, length=length, metadata={},
-        target=Target("PUT", f"/in/{upload_id}") if target else None, expiration=expiration,
-        parts=parts,
+        target=Target("PUT", path or f"/in/{upload_id}") if target else None, max_size=max_size,
+        expiration=expiration, parts=parts, digests=digests or {},
     )
 
 
-def append(engine: e.Engine, upload: Upload, data: bytes, offset: int | None = None,
-           checksum: e.Checksum | None = None) -> Upload:
-    writing = engine.begin_append(upload, upload.offset if offset is None else offset, len(data),
-                                  checksum)
+async def append(engine: e.Engine, upload: Upload, data: bytes, *, offset: int | None = None,
+                 checksum: e.Checksum | None = None) -> Upload:
+    """One whole request body, arriving in two chunks."""
+    writing = await engine.begin_append(upload, upload.offset if offset is None else offset,
+                                        len(data), checksum)
     writing.feed(data[: len(data) // 2])
     writing.feed(data[len(data) // 2:])
-    return asyncio.run(engine.finish_append(writing))
+    return await engine.finish_append(writing)
 
 
-def refusal(call: object, *args: object) -> ShimError:
+async def refusal(step: Awaitable[object]) -> ShimError:
     with pytest.raises(ShimError) as caught:
-        call(*args)  # type: ignore[operator]
+        await step
     return caught.value
 
 
-def test_a_finished_upload_is_delivered_once_byte_exact(engine: e.Engine, server: WholeFileServer) -> None:
-    upload = engine.create(new(10))
-    upload = append(engine, upload, b"01234")
-    upload = append(engine, upload, b"56789")
-    assert upload.complete
-    first = asyncio.run(engine.deliver(upload))
-    again = asyncio.run(engine.deliver(upload))
-    assert first.accepted and again.answer == first.answer
-    puts = [r for r in server.received if r.method == "PUT"]
-    assert len(puts) == 1
-    assert puts[0].sha256 == hashlib.sha256(b"0123456789").hexdigest()
-    assert engine.store.size(upload.id) == 0  # the bytes left the shim's disk once delivered
+async def record(store: Store, upload_id: str) -> Upload:
+    upload = await store.load(upload_id)
+    assert upload is not None, f"upload {upload_id} has no record"
+    return upload
 
 
-def test_a_wrong_offset_is_409_and_writes_nothing(engine: e.Engine) -> None:
-    upload = append(engine, engine.create(new(10)), b"abc")
-    error = refusal(engine.begin_append, upload, 1, 3)
-    assert (error.status, error.details["expected-offset"]) == (409, 3)
-    assert engine.store.size(upload.id) == 3
+async def stored(store: Store, upload_id: str) -> bytes:
+    """Every byte in the upload's data file."""
+    size = await store.size(upload_id)
+    return b"".join([chunk async for chunk in store.read([upload_id], [size])])
 
 
-def test_a_body_cut_off_keeps_what_arrived(engine: e.Engine) -> None:
-    upload = engine.create(new(100))
-    writing = engine.begin_append(upload, 0, 100)
-    writing.feed(b"x" * 40)
-    assert engine.offset_of(upload) == 40  # a HEAD during the body already sees it
-    assert engine.abort_append(writing).offset == 40
-    assert engine.store.load(upload.id).offset == 40  # type: ignore[union-attr]
+async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str,
+                     timeout: float = DEADLINE) -> None:
+    """Poll `check` on the running loop until it holds; TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.02)
 
 
-def test_a_second_writer_is_locked_out_until_the_first_ends(engine: e.Engine) -> None:
-    upload = engine.create(new(100))
-    writing = engine.begin_append(upload, 0, 10)
-    assert refusal(engine.begin_append, upload, 0, 10).status == 423
-    engine.abort_append(writing)
-    engine.abort_append(engine.begin_append(upload, 0, 10))
+async def in_state(store: Store, upload_id: str, state: State) -> bool:
+    upload = await store.load(upload_id)
+    return upload is not None and upload.state is state
 
 
-def test_a_checksum_mismatch_discards_the_chunk(engine: e.Engine) -> None:
-    upload = append(engine, engine.create(new(10)), b"abc")
-    wrong = e.Checksum("sha1", hashlib.sha1(b"other").digest())
-    writing = engine.begin_append(upload, 3, 3, wrong)
-    writing.feed(b"def")
-    assert engine.offset_of(upload) == 3  # unverified bytes are not shown
-    with pytest.raises(ShimError) as caught:
-        asyncio.run(engine.finish_append(writing))
-    assert caught.value.status == 460
-    assert engine.store.load(upload.id).offset == 3  # type: ignore[union-attr]
-    assert engine.store.size(upload.id) == 3
-    right = e.Checksum("sha256", hashlib.sha256(b"def").digest())
-    assert append(engine, upload, b"def", checksum=right).offset == 6
+def puts(server: WholeFileServer) -> list[ReceivedRequest]:
+    return [request for request in server.received if request.method == "PUT"]
 
 
-def test_a_body_past_the_length_is_refused_whole(engine: e.Engine) -> None:
-    upload = engine.create(new(5))
-    assert refusal(engine.begin_append, upload, 0, 6).status == 413  # announced too long
-    writing = engine.begin_append(upload, 0, None)  # chunked: found out while streaming
-    writing.feed(b"abc")
-    writing.feed(b"def")
-    with pytest.raises(ShimError) as caught:
-        asyncio.run(engine.finish_append(writing))
-    assert caught.value.status == 413
-    assert engine.store.load(upload.id).offset == 0  # type: ignore[union-attr]
-    assert engine.store.size(upload.id) == 0
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def test_a_size_limit_refuses_creation_and_deferred_lengths(engine: e.Engine) -> None:
-    oversized = e.NewUpload(**{**new(11).__dict__, "max_size": 10})
-    assert refusal(engine.create, oversized).status == 413
-    deferred = engine.create(new(None))
-    assert refusal(engine.declare_length, deferred, 11, 10).status == 413
-    assert engine.declare_length(deferred, 10, 10).length == 10
-    assert refusal(engine.declare_length, engine.store.load(deferred.id), 9, 10).status == 400
+def b64_sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
-def test_a_full_disk_is_507_before_and_while_writing(engine: e.Engine,
+@dataclass
+class Seen:
+    """One request as a RawLegacy server saw it."""
+
+    headers: dict[str, str]
+    complete: bool = False
+    """The whole Content-Length body was read."""
+
+
+@dataclass
+class RawLegacy:
+    """A legacy server that misbehaves on the wire, served on the test's own event loop:
+
+    - "close-after-body": reads the whole Content-Length body, then closes without an answer;
+    - "early-413": reads only the head, answers 413 and closes;
+    - "gated": reads the body, answers 201 once `gate` is set."""
+
+    mode: Literal["close-after-body", "early-413", "gated"]
+    seen: list[Seen] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+    _server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> RawLegacy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.gate.set()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), DEADLINE)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            pairs = (line.partition(":") for line in head.split("\r\n")[1:] if line)
+            seen = Seen({name.strip().lower(): value.strip() for name, _, value in pairs})
+            self.seen.append(seen)
+            if self.mode == "early-413":
+                writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+                await writer.drain()
+                return
+            await reader.readexactly(int(seen.headers.get("content-length", "0")))
+            seen.complete = True
+            if self.mode == "gated":
+                await self.gate.wait()
+                writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+# --- delivery: once, whole, replayed ----------------------------------------------------------
+
+
+def test_a_finished_upload_is_delivered_once_byte_exact_and_the_answer_is_replayed(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """The legacy server gets one PUT with exactly the uploaded bytes; asking again for the
+    outcome replays its answer instead of sending the file again, and the shim's copy is freed."""
+
+    async def scenario() -> str:
+        async with rig(tmp_path, legacy.url) as r:
+            upload = await r.engine.create(new(10))
+            upload = await append(r.engine, upload, b"01234")
+            upload = await append(r.engine, upload, b"56789")
+            assert upload.complete and upload.state is State.RECEIVING
+            settled = await r.engine.settle(upload)
+            assert settled.state is State.COMPLETE
+            first = await r.engine.await_delivery(settled)
+            again = await r.engine.await_delivery(settled)
+            assert first.accepted and first.answer is not None and first.answer.status == 201
+            assert again.answer == first.answer
+            delivered = await record(r.store, upload.id)
+            assert delivered.state is State.DELIVERED and delivered.answer == first.answer
+            assert delivered.sha256 == sha256(b"0123456789")
+            assert await r.engine.settle(delivered) == delivered  # nothing queued again
+            assert await r.store.size(upload.id) == 0  # the file left the shim's disk
+            assert len(puts(legacy)) == 1
+            return upload.id
+
+    upload_id = asyncio.run(scenario())
+    [put] = puts(legacy)
+    assert (put.size, put.sha256, put.path) == (10, sha256(b"0123456789"), f"/in/{upload_id}")
+
+
+def test_a_wrong_offset_is_409_and_writes_nothing(tmp_path: Path) -> None:
+    """An append at an offset other than the stored one is refused with the expected offset;
+    the file and the record stay as they were and the upload stays writable."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            upload = await append(r.engine, await r.engine.create(new(10)), b"abc")
+            error = await refusal(r.engine.begin_append(upload, 1, 3))
+            assert (error.status, error.details["expected-offset"]) == (409, 3)
+            assert await stored(r.store, upload.id) == b"abc"
+            assert (await record(r.store, upload.id)).offset == 3
+            assert (await append(r.engine, upload, b"def")).offset == 6  # no lease was left held
+
+    asyncio.run(scenario())
+
+
+def test_a_body_cut_off_keeps_what_arrived(tmp_path: Path) -> None:
+    """A client that vanishes mid-body keeps every byte that arrived: HEAD during the body
+    already shows them, and the next request resumes after them."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            upload = await r.engine.create(new(100))
+            writing = await r.engine.begin_append(upload, 0, 100)
+            writing.feed(b"x" * 40)
+            assert r.engine.offset_of(upload) == 40
+            assert (await r.engine.abort_append(writing)).offset == 40
+            resumed = await record(r.store, upload.id)
+            assert resumed.offset == 40 and r.engine.offset_of(resumed) == 40
+            assert (await append(r.engine, resumed, b"y" * 60)).offset == 100
+            assert await stored(r.store, upload.id) == b"x" * 40 + b"y" * 60
+
+    asyncio.run(scenario())
+
+
+def test_a_second_writer_is_locked_out_and_a_take_over_resumes_where_the_first_stopped(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """While one request writes an upload, another (in this or another shim on the same store)
+    gets 423; a take-over ends the first request, and the new one continues from its last byte,
+    so the delivered file is whole."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url) as r:
+            upload = await r.engine.create(new(10))
+            stale_ticket = await r.engine.take_over(upload.id)  # how every write request begins
+            stale = await r.engine.begin_append(upload, 0, 10)
+            stale.feed(b"1234")  # then its client vanishes without the shim noticing
+            assert (await refusal(r.engine.begin_append(upload, 0, 10))).status == 423
+            other_instance = e.Engine(r.store, r.outbox)
+            assert (await refusal(other_instance.begin_append(upload, 0, 10))).status == 423
+            ended: list[asyncio.Future[Upload]] = []
+            stale.interrupt = lambda: ended.append(asyncio.ensure_future(r.engine.abort_append(stale)))
+            ticket = await r.engine.take_over(upload.id)
+            assert len(ended) == 1 and (await ended[0]).offset == 4
+            assert r.engine.superseded(upload.id, stale_ticket)
+            assert not r.engine.superseded(upload.id, ticket)
+            current = await r.engine.get(upload.id, OWNER)
+            assert current.offset == 4
+            fresh = await r.engine.begin_append(current, 4, 6)
+            fresh.feed(b"567890")
+            done = await r.engine.finish_append(fresh)
+            assert done.offset == 10
+            delivery = await r.engine.await_delivery(await r.engine.settle(done))
+            assert delivery.accepted
+
+    asyncio.run(scenario())
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"1234567890")]
+
+
+def test_a_checksum_mismatch_discards_the_chunk(tmp_path: Path) -> None:
+    """A chunk whose checksum does not match is dropped whole (460): the offset and the file
+    stay as before it, HEAD never showed its bytes, and the right chunk is then accepted."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            upload = await append(r.engine, await r.engine.create(new(10)), b"abc")
+            wrong = e.Checksum("sha1", hashlib.sha1(b"other").digest())
+            writing = await r.engine.begin_append(upload, 3, 3, wrong)
+            writing.feed(b"def")
+            assert r.engine.offset_of(upload) == 3  # unverified bytes are not shown
+            error = await refusal(r.engine.finish_append(writing))
+            assert (error.status, error.code) == (460, "checksum-mismatch")
+            after = await record(r.store, upload.id)
+            assert (after.offset, after.unverified_from) == (3, None)
+            assert await stored(r.store, upload.id) == b"abc"
+            right = e.Checksum("sha256", hashlib.sha256(b"def").digest())
+            assert (await append(r.engine, after, b"def", checksum=right)).offset == 6
+            assert await stored(r.store, upload.id) == b"abcdef"
+
+    asyncio.run(scenario())
+
+
+def test_a_body_past_the_length_is_refused_whole(tmp_path: Path) -> None:
+    """A body longer than the room left is refused with 413: up front when announced, at the
+    end when chunked; none of its bytes are kept."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            upload = await r.engine.create(new(5))
+            assert (await refusal(r.engine.begin_append(upload, 0, 6))).status == 413
+            writing = await r.engine.begin_append(upload, 0, None)  # chunked: found out streaming
+            writing.feed(b"abc")
+            writing.feed(b"def")
+            assert r.engine.offset_of(upload) == 0
+            assert (await refusal(r.engine.finish_append(writing))).status == 413
+            assert (await record(r.store, upload.id)).offset == 0
+            assert await r.store.size(upload.id) == 0
+            assert (await append(r.engine, upload, b"abcde")).complete
+
+    asyncio.run(scenario())
+
+
+def test_a_size_limit_refuses_creation_deferred_lengths_and_bodies(tmp_path: Path) -> None:
+    """max_size refuses (413) an upload announced too large, a deferred length declared too
+    large, and a body of an upload of unknown length that would pass the limit; a length that
+    contradicts the stored bytes is 400."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            assert (await refusal(r.engine.create(new(11, max_size=10)))).status == 413
+            deferred = await r.engine.create(new(None))
+            assert (await refusal(r.engine.begin_append(deferred, 0, 11, max_size=10))).status == 413
+            writing = await r.engine.begin_append(deferred, 0, None, max_size=10)
+            writing.feed(b"x" * 11)
+            assert (await refusal(r.engine.finish_append(writing))).status == 413
+            deferred = await record(r.store, deferred.id)
+            assert deferred.offset == 0
+            assert (await refusal(r.engine.declare_length(deferred, 11, 10))).status == 413
+            declared = await r.engine.declare_length(deferred, 10, 10)
+            assert declared.length == 10
+            assert (await refusal(r.engine.declare_length(declared, 9, 10))).status == 400
+
+    asyncio.run(scenario())
+
+
+def test_a_full_disk_is_507_before_and_while_writing(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    upload = append(engine, engine.create(new(10)), b"ab")
-    engine.min_free_bytes = engine.store.free_bytes() * 2
-    assert refusal(engine.begin_append, upload, 2, 3).status == 507
-    engine.min_free_bytes = 0
-    writing = engine.begin_append(upload, 2, 3)
+    """Too little free space refuses an append with 507 before its body; a disk that fills up
+    during the body answers 507 and keeps the offset where it was."""
 
-    def full(data: bytes) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            upload = await append(r.engine, await r.engine.create(new(10)), b"ab")
+            r.engine.min_free_bytes = await r.store.free_bytes() * 2
+            assert (await refusal(r.engine.begin_append(upload, 2, 3))).status == 507
+            r.engine.min_free_bytes = 0
+            writing = await r.engine.begin_append(upload, 2, 3)
 
-    monkeypatch.setattr(writing.writer, "write", full)
-    writing.feed(b"cde")
-    with pytest.raises(ShimError) as caught:
-        asyncio.run(engine.finish_append(writing))
-    assert caught.value.status == 507
-    assert engine.store.load(upload.id).offset == 2  # type: ignore[union-attr]
+            def full(data: bytes) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
 
+            monkeypatch.setattr(writing.writer, "write", full)
+            writing.feed(b"cde")
+            assert (await refusal(r.engine.finish_append(writing))).status == 507
+            assert (await record(r.store, upload.id)).offset == 2
+            assert (await append(r.engine, upload, b"cde")).offset == 5  # the lease was released
 
-def test_restart_commits_bytes_on_disk_and_drops_unverified_ones(engine: e.Engine) -> None:
-    plain = engine.create(new(10))
-    writing = engine.begin_append(plain, 0, 10)
-    writing.feed(b"12345")
-    writing.writer.sync()  # the process dies here: the bytes are on disk, the offset is not
-    checked = engine.create(new(10))
-    checking = engine.begin_append(checked, 0, 10, e.Checksum("md5", b"0" * 16))
-    checking.feed(b"abc")
-    checking.writer.sync()
-    restarted = e.Engine(engine.store, engine.upstream)
-    assert restarted.recover() == 2
-    assert restarted.get(plain.id, "me").offset == 5
-    assert restarted.get(checked.id, "me").offset == 0
-    assert engine.store.size(checked.id) == 0
+    asyncio.run(scenario())
 
 
-def test_legacy_refusal_keeps_the_upload_for_a_retry(engine: e.Engine, server: WholeFileServer) -> None:
-    upload = append(engine, engine.create(new(3)), b"abc")
-    server.fail_status = 500
-    failed = asyncio.run(engine.deliver(upload))
-    assert not failed.accepted and failed.answer is not None and failed.answer.status == 500
-    assert not engine.get(upload.id, "me").delivered
-    server.fail_status = None
-    assert asyncio.run(engine.deliver(upload)).accepted
-    assert [r.status for r in server.received] == [500, 201]
+def test_a_full_disk_refuses_an_append_before_anything_is_written(tmp_path: Path) -> None:
+    """When the store reports no free space, an append is refused with 507 at once: no byte is
+    written, the record is untouched and no lease is left behind."""
+
+    async def scenario() -> None:
+        store = FaultyStore(LocalStore(tmp_path / "store", fsync=False))
+        async with rig(tmp_path, NOWHERE, store=store, min_free_bytes=MIB) as r:
+            upload = await r.engine.create(new(10))
+            store.disk_full = True
+            store.calls.clear()
+            assert (await refusal(r.engine.begin_append(upload, 0, 10))).status == 507
+            assert (await refusal(r.engine.begin_append(upload, 0, None))).status == 507
+            assert store.calls["open_writer"] == store.calls["save"] == store.calls["acquire"] == 0
+            assert await r.store.size(upload.id) == 0
+            assert await record(r.store, upload.id) == upload
+            store.disk_full = False
+            assert (await append(r.engine, upload, b"0123456789")).complete
+
+    asyncio.run(scenario())
 
 
-def test_legacy_down_gives_no_answer_and_keeps_the_upload(tmp_path: Path, clock: Clock) -> None:
-    store = Store(tmp_path / "store", fsync=False)
-    down = e.Engine(store, Upstream(Origin.parse("http://127.0.0.1:1"), timeout=5), clock=clock)
-    upload = append(down, down.create(new(3)), b"abc")
-    delivery = asyncio.run(down.deliver(upload))
-    assert delivery.answer is None and "connect" in delivery.problem
-    assert store.size(upload.id) == 3
-    store.close()
+# --- restart ------------------------------------------------------------------------------------
 
 
-def test_concatenation_delivers_the_parts_in_order(engine: e.Engine, server: WholeFileServer) -> None:
-    first = append(engine, engine.create(new(3, target=False)), b"abc")
-    second = engine.create(new(2, target=False))
-    whole = engine.concatenate(new(None, parts=(first.id, second.id)))
-    assert not whole.complete and whole.length == 5
-    assert engine.concatenate(new(None, parts=(first.id, second.id))).id == whole.id
-    append(engine, second, b"de")
-    assert (finished := engine.whole_of(engine.get(second.id, "me"))) is not None
-    assert finished.complete
-    assert asyncio.run(engine.deliver(finished)).accepted
-    assert server.received[-1].sha256 == hashlib.sha256(b"abcde").hexdigest()
+def test_restart_commits_bytes_on_disk_and_drops_unverified_ones(tmp_path: Path) -> None:
+    """After the shim died mid-body, start-up recovery commits the bytes that reached the disk
+    and drops those of a checksummed chunk that was never verified; no offset a client was
+    told goes back, and uploading continues from the recovered offset."""
+
+    async def crash() -> tuple[str, str, int, int]:
+        async with rig(tmp_path, NOWHERE, start=False) as r:
+            plain = await r.engine.create(new(10))
+            writing = await r.engine.begin_append(plain, 0, 10)
+            writing.feed(b"12345")
+            checked = await append(r.engine, await r.engine.create(new(10)), b"abc")
+            checking = await r.engine.begin_append(checked, 3, 4, e.Checksum("md5", b"0" * 16))
+            checking.feed(b"de")
+            told = r.engine.offset_of(plain), r.engine.offset_of(checked)
+            os.close(writing.writer.fd)  # the process dies: its files close, nothing is committed
+            os.close(checking.writer.fd)
+            return plain.id, checked.id, *told
+
+    async def restart(plain_id: str, checked_id: str, told_plain: int, told_checked: int) -> None:
+        async with rig(tmp_path, NOWHERE, store=await restarted_store(tmp_path)) as r:
+            assert await r.engine.recover() == 2
+            plain = await r.engine.get(plain_id, OWNER)
+            checked = await r.engine.get(checked_id, OWNER)
+            assert (plain.offset, checked.offset) == (5, 3)
+            assert plain.offset >= told_plain and checked.offset >= told_checked
+            assert checked.unverified_from is None
+            assert await stored(r.store, plain_id) == b"12345"
+            assert await stored(r.store, checked_id) == b"abc"
+            assert await r.engine.recover() == 0  # nothing left to repair
+            assert (await append(r.engine, plain, b"67890")).complete
+            assert (await append(r.engine, checked, b"defghij")).complete
+
+    plain_id, checked_id, told_plain, told_checked = asyncio.run(crash())
+    assert (told_plain, told_checked) == (5, 3)
+    asyncio.run(restart(plain_id, checked_id, told_plain, told_checked))
 
 
-def test_only_the_owner_may_touch_an_upload(engine: e.Engine) -> None:
-    upload = engine.create(new(3, owner="alice"))
-    assert refusal(engine.get, upload.id, "mallory").status == 403
-    assert refusal(engine.get, "nonexistent", "alice").status == 404
+def test_a_file_whose_last_bytes_reached_the_disk_before_a_crash_is_delivered_after_restart(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """The shim died after the last byte of a file reached its disk but before the file was
+    committed and queued: after restart the file is delivered, once and whole."""
+
+    async def crash() -> str:
+        async with rig(tmp_path, NOWHERE, start=False) as r:
+            upload = await r.engine.create(new(6))
+            writing = await r.engine.begin_append(upload, 0, 6)
+            writing.feed(b"abcdef")
+            os.close(writing.writer.fd)
+            return upload.id
+
+    async def restart(upload_id: str) -> None:
+        async with rig(tmp_path, legacy.url, store=await restarted_store(tmp_path)) as r:
+            await r.engine.recover()
+            await eventually(lambda: in_state(r.store, upload_id, State.DELIVERED),
+                             "the recovered file to be delivered")
+            assert (await r.engine.await_delivery(await record(r.store, upload_id))).accepted
+
+    asyncio.run(restart(asyncio.run(crash())))
+    assert [(put.size, put.sha256) for put in puts(legacy)] == [(6, sha256(b"abcdef"))]
 
 
-def test_terminated_and_expired_uploads_are_gone(engine: e.Engine, clock: Clock) -> None:
-    doomed = append(engine, engine.create(new(10)), b"abc")
-    engine.terminate(doomed)
-    assert refusal(engine.get, doomed.id, "me").status == 410
-    assert engine.store.size(doomed.id) == 0
-    old = engine.create(new(10, expiration=60))
-    clock.now += 61
-    assert refusal(engine.get, old.id, "me").status == 410
-    stale = engine.create(new(10, expiration=60), key="PUT /stale")
-    clock.now += 61
-    assert engine.sweep() >= 1 and engine.store.load(stale.id) is None
-    assert engine.store.resolve("PUT /stale") is None
+def test_offset_during_a_body_is_what_the_os_has_and_never_more_than_survives(tmp_path: Path) -> None:
+    """HEAD during a body reports exactly the bytes already handed to the OS (on disk in the
+    data file), and after the shim is killed and restarted the offset is at least that."""
+
+    async def crash() -> tuple[str, list[int]]:
+        async with rig(tmp_path, NOWHERE, start=False) as r:
+            upload = await r.engine.create(new(100))
+            writing = await r.engine.begin_append(upload, 0, 100)
+            told = []
+            for piece in (b"a" * 10, b"b" * 15, b"c" * 5):
+                writing.feed(piece)
+                told.append(r.engine.offset_of(upload))
+                assert told[-1] == await r.store.size(upload.id)
+            os.close(writing.writer.fd)  # killed mid-body
+            return upload.id, told
+
+    async def restart(upload_id: str, told: list[int]) -> None:
+        async with rig(tmp_path, NOWHERE, store=await restarted_store(tmp_path)) as r:
+            await r.engine.recover()
+            recovered = await r.engine.get(upload_id, OWNER)
+            assert recovered.offset >= max(told)
+            assert await stored(r.store, upload_id) == b"a" * 10 + b"b" * 15 + b"c" * 5
+
+    upload_id, told = asyncio.run(crash())
+    assert told == [10, 25, 30]
+    asyncio.run(restart(upload_id, told))
 
 
-def test_a_range_that_overlaps_the_stored_end_skips_what_is_stored(engine: e.Engine) -> None:
-    upload = append(engine, engine.create(new(8)), b"abc")
-    retried = engine.begin_range(upload, 1, 5)  # "bcdef": a longer retry of an earlier chunk
-    assert retried is not None
-    retried.feed(b"b")
-    retried.feed(b"cdef")
-    upload = asyncio.run(engine.finish_append(retried))
-    assert upload.offset == 6
-    chunks = asyncio.run(_collect(engine, upload))
-    assert chunks == b"abcdef"
-    assert engine.begin_range(upload, 2, 3) is None  # nothing new in it
-    assert refusal(engine.begin_range, upload, 7, 1).status == 416  # would leave a gap
-    assert engine.store.size(upload.id) == 6
+@pytest.mark.parametrize("on_unknown", ["hold", "retry"])
+def test_a_delivery_cut_short_by_a_crash_follows_on_unknown(
+        tmp_path: Path, legacy: WholeFileServer, on_unknown: Literal["hold", "retry"]) -> None:
+    """An upload the shim was delivering when it died has an unknown outcome: with
+    on_unknown=hold it is FAILED without another request (the client is told 502), with
+    retry it is delivered again, once."""
+
+    async def crash() -> str:
+        async with rig(tmp_path, NOWHERE, start=False) as r:
+            upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            settled = await r.engine.settle(upload)
+            await transition(r.store, settled, Event.ATTEMPT, attempts=1, first_attempt=time.time())
+            return upload.id
+
+    async def restart(upload_id: str) -> None:
+        policy = replace(FAST, on_unknown=on_unknown)
+        async with rig(tmp_path, legacy.url, policy=policy, store=await restarted_store(tmp_path)) as r:
+            await r.engine.recover()
+            if on_unknown == "hold":
+                delivery = await r.engine.await_delivery(await record(r.store, upload_id))
+                assert (delivery.code, delivery.status, delivery.answer) == ("failed", 502, None)
+                assert "unknown" in delivery.problem
+                assert (await record(r.store, upload_id)).state is State.FAILED
+                assert await stored(r.store, upload_id) == b"abc"  # kept for an operator
+            else:
+                await eventually(lambda: in_state(r.store, upload_id, State.DELIVERED),
+                                 "the second delivery")
+
+    asyncio.run(restart(asyncio.run(crash())))
+    assert len(puts(legacy)) == (0 if on_unknown == "hold" else 1)
 
 
-def test_uploads_are_found_by_key_only_by_their_owner(engine: e.Engine) -> None:
-    upload = engine.create(new(5, owner="alice"), key="PUT /x")
-    assert engine.find("PUT /x", "alice") == upload
-    assert engine.find("PUT /x", "bob") is None
-    assert engine.find("PUT /y", "alice") is None
+# --- the legacy server's answers ----------------------------------------------------------------
 
 
-async def _collect(engine: e.Engine, upload: Upload) -> bytes:
-    return b"".join([chunk async for chunk in engine.store.read([upload.id], [upload.offset])])
+def test_a_legacy_refusal_is_recorded_replayed_and_never_sent_again(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A 403 from the legacy server is final: the upload is REFUSED with that answer, every
+    later request gets the same 403, and the file is never sent again, even once the legacy
+    server would accept it."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url) as r:
+            legacy.fail_status = 403
+            upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            settled = await r.engine.settle(upload)
+            first = await r.engine.await_delivery(settled)
+            assert first.answer is not None and first.answer.status == 403 and not first.accepted
+            refused = await record(r.store, upload.id)
+            assert refused.state is State.REFUSED and refused.answer == first.answer
+            legacy.fail_status = None
+            r.outbox.kick()
+            assert await r.engine.settle(refused) == refused
+            assert (await r.engine.await_delivery(refused)).answer == first.answer
+            assert upload.id not in await r.store.due(time.time() + 10**6)  # not queued at all
+            assert (await refusal(r.engine.begin_append(refused, 3, 0))).status == 403
+
+    asyncio.run(scenario())
+    assert [put.status for put in puts(legacy)] == [403]
 
 
-def test_a_new_writer_ends_the_earlier_one_and_starts_where_it_stopped(engine: e.Engine) -> None:
-    upload = engine.create(new(10))
-    stale = engine.begin_append(upload, 0, 10)
-    stale.feed(b"1234")  # then the client vanishes without the shim noticing
-    stale.interrupt = lambda: asyncio.get_running_loop().call_soon(engine.abort_append, stale)
+def test_a_legacy_503_is_retried_with_backoff_until_accepted_once(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A 503 from the legacy server is not final: the client is told 503 with Retry-After, the
+    upload waits COMPLETE with backoff, and once the legacy server accepts, exactly one 201;
+    every attempt carried the upload's Idempotency-Key."""
 
-    async def resume() -> Upload:
-        await engine.take_over(upload.id)
-        fresh = engine.begin_append(engine.get(upload.id, "me"), 4, 6)
-        fresh.feed(b"567890")
-        return await engine.finish_append(fresh)
+    async def scenario() -> str:
+        async with rig(tmp_path, legacy.url) as r:
+            legacy.fail_status = 503
+            upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            pending = await r.engine.await_delivery(await r.engine.settle(upload))
+            assert (pending.code, pending.status, pending.answer) == ("pending", 503, None)
+            assert pending.retry_after >= 1 and ("Retry-After", str(pending.retry_after)) in pending.fields
+            waiting = await record(r.store, upload.id)
+            assert waiting.state in (State.COMPLETE, State.DELIVERING) and waiting.attempts >= 1
+            assert "503" in waiting.problem
+            legacy.fail_status = None
+            await eventually(lambda: in_state(r.store, upload.id, State.DELIVERED), "acceptance")
+            assert (await r.engine.await_delivery(upload)).accepted
+            return upload.id
 
-    assert asyncio.run(resume()).offset == 10
-    assert asyncio.run(_collect(engine, engine.get(upload.id, "me"))) == b"1234567890"
-
-
-def test_an_announced_digest_is_checked_before_anything_is_delivered(
-        engine: e.Engine, server: WholeFileServer) -> None:
-    import base64
-
-    right = base64.b64encode(hashlib.sha256(b"abc").digest()).decode()
-    upload = engine.expect_digests(engine.create(new(3)), {"sha256": right})
-    assert refusal(engine.expect_digests, upload, {"sha256": "AAAA"}).status == 400
-    assert asyncio.run(engine.deliver(append(engine, upload, b"abc"))).accepted
-    wrong = engine.expect_digests(engine.create(new(3)), {"sha256": right})
-    failed = asyncio.run(engine.deliver(append(engine, wrong, b"abd")))
-    assert (failed.answer, failed.code) == (None, "digest-mismatch")
-    assert refusal(engine.get, wrong.id, "me").status == 410  # the upload failed for good
-    assert len([r for r in server.received if r.method == "PUT"]) == 1
+    upload_id = asyncio.run(scenario())
+    statuses = [put.status for put in puts(legacy)]
+    assert statuses.count(201) == 1 and statuses[-1] == 201 and set(statuses[:-1]) == {503}
+    assert {put.header("Idempotency-Key") for put in puts(legacy)} == {f'"{upload_id}"'}
 
 
-def test_a_refusal_is_recorded_until_the_file_is_accepted(engine: e.Engine, server: WholeFileServer) -> None:
-    upload = append(engine, engine.create(new(3)), b"abc")
-    server.fail_status = 403
-    asyncio.run(engine.deliver(upload))
-    refused = engine.get(upload.id, "me")
-    assert refused.refusal is not None and refused.refusal.status == 403
-    server.fail_status = None
-    asyncio.run(engine.deliver(refused))
-    assert engine.get(upload.id, "me").refusal is None
+def test_a_legacy_server_that_is_down_gets_the_file_once_it_is_back(tmp_path: Path) -> None:
+    """While the legacy server is down the client is told "pending" (503) with Retry-After,
+    and the shim keeps the file; once the server listens again it gets the file once."""
+    first = WholeFileServer(tmp_path / "legacy")
+    first.start()
+    port, url = first.port, first.url
+    first.stop()
+    back: WholeFileServer | None = None
+
+    async def scenario() -> None:
+        nonlocal back
+        async with rig(tmp_path, url) as r:
+            upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            settled = await r.engine.settle(upload)
+            waiting = await r.engine.await_delivery(settled)
+            assert (waiting.code, waiting.status, waiting.answer) == ("pending", 503, None)
+            assert waiting.retry_after >= 1 and "connect" in waiting.problem
+            assert await stored(r.store, upload.id) == b"abc"
+            back = WholeFileServer(tmp_path / "legacy", port=port)
+            back.start()
+            await eventually(lambda: in_state(r.store, upload.id, State.DELIVERED),
+                             "delivery once the legacy server is back")
+            assert (await r.engine.await_delivery(settled)).accepted
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if back is not None:
+            back.stop()
+    assert back is not None
+    assert [(put.status, put.sha256) for put in puts(back)] == [(201, sha256(b"abc"))]
+
+
+def test_delivery_gives_up_after_give_up_after(tmp_path: Path, legacy: WholeFileServer) -> None:
+    """Past delivery.give_up_after the upload is FAILED with a reason the client is told
+    (code "failed", 502), it is not tried again, and its bytes stay for an operator."""
+
+    async def scenario() -> None:
+        policy = replace(FAST, give_up_after=0.0)
+        async with rig(tmp_path, legacy.url, policy=policy) as r:
+            legacy.fail_status = 503
+            upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            delivery = await r.engine.await_delivery(await r.engine.settle(upload))
+            assert (delivery.code, delivery.status, delivery.answer) == ("failed", 502, None)
+            assert "gave up" in delivery.problem and "503" in delivery.problem
+            failed = await record(r.store, upload.id)
+            assert failed.state is State.FAILED and failed.problem == delivery.problem
+            assert upload.id not in await r.store.due(time.time() + 10**6)
+            assert await stored(r.store, upload.id) == b"abc"
+
+    asyncio.run(scenario())
+    assert [put.status for put in puts(legacy)] == [503]
+
+
+def test_no_answer_after_the_whole_file_is_held_with_on_unknown_hold(tmp_path: Path) -> None:
+    """A legacy server that reads the whole file and closes without an answer may have stored
+    it: with on_unknown=hold it gets no second request; the upload is FAILED (client: 502)."""
+
+    async def scenario() -> None:
+        async with RawLegacy("close-after-body") as server:
+            policy = replace(FAST, on_unknown="hold")
+            async with rig(tmp_path, server.url, policy=policy) as r:
+                upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+                delivery = await r.engine.await_delivery(await r.engine.settle(upload))
+                assert (delivery.code, delivery.status, delivery.answer) == ("failed", 502, None)
+                assert (await record(r.store, upload.id)).state is State.FAILED
+                r.outbox.kick()
+                assert (await r.engine.await_delivery(upload)).code == "failed"
+                assert upload.id not in await r.store.due(time.time() + 10**6)  # never again
+                assert await stored(r.store, upload.id) == b"abc"
+            assert [seen.complete for seen in server.seen] == [True]
+
+    asyncio.run(scenario())
+
+
+def test_no_answer_after_the_whole_file_is_sent_again_with_on_unknown_retry(tmp_path: Path) -> None:
+    """With on_unknown=retry, a legacy server that read the whole file and closed without an
+    answer gets the file again (at-least-once)."""
+
+    async def scenario() -> None:
+        async with RawLegacy("close-after-body") as server:
+            policy = replace(FAST, on_unknown="retry")
+            async with rig(tmp_path, server.url, policy=policy) as r:
+                upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+                await r.engine.settle(upload)
+                await eventually(lambda: len(server.seen) >= 2, "a second request")
+                waiting = await record(r.store, upload.id)
+                assert waiting.state in (State.COMPLETE, State.DELIVERING) and waiting.attempts >= 2
+            assert all(seen.complete for seen in server.seen[:2])
+
+    asyncio.run(scenario())
+
+
+def test_every_attempt_carries_the_quoted_upload_id_as_idempotency_key(tmp_path: Path) -> None:
+    """Each delivery attempt of an upload carries Idempotency-Key: "<upload id>" (the same on
+    a retry, so the legacy server can drop a repeat); two uploads carry different keys."""
+
+    async def scenario() -> None:
+        async with RawLegacy("close-after-body") as server:
+            policy = replace(FAST, on_unknown="retry")
+            async with rig(tmp_path, server.url, policy=policy) as r:
+                one = await append(r.engine, await r.engine.create(new(3)), b"abc")
+                two = await append(r.engine, await r.engine.create(new(3)), b"xyz")
+                await r.engine.settle(one)
+                await r.engine.settle(two)
+                expected = {f'"{one.id}"', f'"{two.id}"'}
+
+                def retried_both() -> bool:
+                    keys = [seen.headers.get("idempotency-key") for seen in server.seen]
+                    return all(keys.count(key) >= 2 for key in expected)
+
+                await eventually(retried_both, "two attempts of each upload")
+            assert {seen.headers.get("idempotency-key") for seen in server.seen} == expected
+
+    asyncio.run(scenario())
+
+
+def test_an_early_413_while_the_file_is_still_being_sent_is_recorded(tmp_path: Path) -> None:
+    """A legacy server that answers 413 after the head and closes while a large file is still
+    being sent (nginx past client_max_body_size): the upload is REFUSED with that 413, which
+    the client gets, and the file is sent only once."""
+
+    async def scenario() -> None:
+        async with RawLegacy("early-413") as server:
+            async with rig(tmp_path, server.url) as r:
+                size = 16 * MIB
+                upload = await r.engine.create(new(size))
+                writing = await r.engine.begin_append(upload, 0, size)
+                for _ in range(size // MIB):
+                    writing.feed(os.urandom(MIB))
+                upload = await r.engine.finish_append(writing)
+                delivery = await r.engine.await_delivery(await r.engine.settle(upload))
+                assert delivery.answer is not None, delivery.problem
+                assert delivery.answer.status == 413 and not delivery.accepted
+                refused = await record(r.store, upload.id)
+                assert refused.state is State.REFUSED and refused.answer == delivery.answer
+            assert len(server.seen) == 1
+
+    asyncio.run(scenario())
+
+
+# --- concatenation, ownership, termination, expiry ----------------------------------------------
+
+
+def test_concatenation_delivers_the_parts_in_order_and_keeps_them_for_other_finals(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A final upload made of two partial ones is delivered as their bytes in order once the
+    last part is in; the parts keep their bytes, so a second final upload of the same parts
+    (in the other order) is delivered too."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url) as r:
+            first = await append(r.engine, await r.engine.create(new(3, target=False)), b"abc")
+            second = await r.engine.create(new(2, target=False))
+            whole = await r.engine.concatenate(new(None, parts=(first.id, second.id)))
+            assert not whole.complete and whole.length == 5
+            again = await r.engine.concatenate(new(None, parts=(first.id, second.id)))
+            assert again.id == whole.id
+            second = await append(r.engine, second, b"de")
+            [finished] = await r.engine.wholes_of(second)
+            assert finished.id == whole.id and finished.complete
+            assert (await r.engine.await_delivery(await r.engine.settle(finished))).accepted
+            assert await stored(r.store, first.id) == b"abc"
+            assert await stored(r.store, second.id) == b"de"
+            reverse = await r.engine.concatenate(new(None, parts=(second.id, first.id)))
+            assert reverse.complete and reverse.id != whole.id
+            assert (await r.engine.await_delivery(await r.engine.settle(reverse))).accepted
+
+    asyncio.run(scenario())
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"abcde"), sha256(b"deabc")]
+
+
+def test_a_second_final_upload_of_the_same_parts_is_delivered_to_its_own_target(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """Two final uploads made of the same parts in the same order but meant for different
+    files (another target) are two deliveries: the second file reaches its own path too."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url) as r:
+            first = await append(r.engine, await r.engine.create(new(3, target=False)), b"abc")
+            second = await append(r.engine, await r.engine.create(new(2, target=False)), b"de")
+            parts = (first.id, second.id)
+            one = await r.engine.concatenate(new(None, parts=parts, path="/in/one.bin"))
+            assert (await r.engine.await_delivery(await r.engine.settle(one))).accepted
+            two = await r.engine.concatenate(new(None, parts=parts, path="/in/two.bin"))
+            assert (await r.engine.await_delivery(await r.engine.settle(two))).accepted
+
+    asyncio.run(scenario())
+    assert [(put.path, put.sha256) for put in puts(legacy)] == [
+        ("/in/one.bin", sha256(b"abcde")), ("/in/two.bin", sha256(b"abcde"))]
+
+
+def test_only_the_owner_may_touch_an_upload(tmp_path: Path) -> None:
+    """Another owner gets 403 for an upload, cannot find it by its key, and cannot use it as
+    a part; an unknown id is 404."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            upload = await r.engine.create(new(3, owner="alice"), key="PUT /x")
+            assert (await refusal(r.engine.get(upload.id, "mallory"))).status == 403
+            assert (await refusal(r.engine.get("nonexistent", "alice"))).status == 404
+            assert await r.engine.find("PUT /x", "alice") == upload
+            assert await r.engine.find("PUT /x", "mallory") is None
+            assert await r.engine.find("PUT /y", "alice") is None
+            part = await r.engine.create(new(3, owner="alice", target=False))
+            stolen = new(None, owner="mallory", parts=(part.id,))
+            assert (await refusal(r.engine.concatenate(stolen))).status == 403
+
+    asyncio.run(scenario())
+
+
+def test_terminate_while_delivering_is_409_and_the_delivery_completes(tmp_path: Path) -> None:
+    """Cancelling an upload while the legacy server is receiving it is refused with 409 (its
+    outcome is not known yet); the delivery then completes and is recorded."""
+
+    async def scenario() -> None:
+        async with RawLegacy("gated") as server:
+            async with rig(tmp_path, server.url) as r:
+                upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+                settled = await r.engine.settle(upload)
+                await eventually(lambda: bool(server.seen) and server.seen[0].complete,
+                                 "the legacy server to have the whole file")
+                assert (await record(r.store, upload.id)).state is State.DELIVERING
+                error = await refusal(r.engine.terminate(settled))  # the record the client saw
+                assert (error.status, error.code) == (409, "delivering")
+                assert (await record(r.store, upload.id)).state is State.DELIVERING
+                server.gate.set()
+                delivery = await r.engine.await_delivery(settled)
+                assert delivery.accepted
+                assert (await record(r.store, upload.id)).state is State.DELIVERED
+            assert len(server.seen) == 1
+
+    asyncio.run(scenario())
+
+
+def test_terminated_and_expired_uploads_are_gone(tmp_path: Path) -> None:
+    """A cancelled upload answers 410 and its bytes are deleted; it cannot be cancelled while a
+    body is being written (423). An upload unused past its expiration answers 410 and is
+    removed."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        async with rig(tmp_path, NOWHERE, clock=clock) as r:
+            busy = await r.engine.create(new(10))
+            writing = await r.engine.begin_append(busy, 0, 10)
+            assert (await refusal(r.engine.terminate(busy))).status == 423
+            await r.engine.abort_append(writing)
+            doomed = await append(r.engine, await r.engine.create(new(10)), b"abc")
+            await r.engine.terminate(doomed)
+            assert (await refusal(r.engine.get(doomed.id, OWNER))).status == 410
+            assert await r.store.size(doomed.id) == 0
+            old = await r.engine.create(new(10, expiration=60))
+            clock.now += 61
+            assert (await refusal(r.engine.get(old.id, OWNER))).status == 410
+            assert await r.store.load(old.id) is None
+            assert (await refusal(r.engine.get(old.id, OWNER))).status in (404, 410)
+
+    asyncio.run(scenario())
+
+
+def test_sweep_removes_expired_uploads_through_the_index_and_keeps_the_rest(tmp_path: Path) -> None:
+    """The sweeper removes uploads unused past their expiration (record, key and bytes) and
+    terminated ones whose expiry passed, found through the expiry index (no scan of every
+    upload); unexpired uploads, uploads without expiry and one being written stay."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        store = FaultyStore(LocalStore(tmp_path / "store", fsync=False))
+        async with rig(tmp_path, NOWHERE, clock=clock, store=store) as r:
+            stale = await append(r.engine, await r.engine.create(new(10, expiration=60),
+                                                                 key="PUT /stale"), b"abc")
+            cancelled = await r.engine.create(new(10, expiration=60))
+            await r.engine.terminate(cancelled)
+            fresh = await r.engine.create(new(10, expiration=600))
+            forever = await r.engine.create(new(10))
+            active = await r.engine.create(new(10, expiration=60))
+            writing = await r.engine.begin_append(active, 0, 10)
+            writing.feed(b"xy")
+            clock.now += 61
+            store.calls.clear()
+            assert await r.engine.sweep() == 2
+            assert store.calls["ids"] == 0 and store.calls["expired"] >= 1
+            assert await r.store.load(stale.id) is None and await r.store.load(cancelled.id) is None
+            assert await r.store.resolve("PUT /stale") is None
+            assert await r.store.size(stale.id) == 0
+            for kept in (fresh, forever, active):
+                assert await r.store.load(kept.id) is not None
+            assert (await r.engine.finish_append(writing)).offset == 2  # active again just now
+            assert await r.engine.sweep() == 0
+            assert (await r.engine.get(active.id, OWNER)).offset == 2
+
+    asyncio.run(scenario())
+
+
+def test_expiry_counts_from_the_last_activity_without_growing(tmp_path: Path) -> None:
+    """An upload expires its configured time after its last write, not later: two writes do
+    not add up to a longer life."""
+
+    async def scenario() -> None:
+        clock = Clock(1000.0)
+        async with rig(tmp_path, NOWHERE, clock=clock) as r:
+            upload = await r.engine.create(new(10, expiration=60))
+            clock.now = 1050.0
+            upload = await append(r.engine, upload, b"abc")
+            clock.now = 1100.0
+            upload = await append(r.engine, upload, b"def")
+            assert upload.expires == 1160.0
+            clock.now = 1159.0
+            assert (await r.engine.get(upload.id, OWNER)).offset == 6
+            clock.now = 1161.0
+            assert (await refusal(r.engine.get(upload.id, OWNER))).status == 410
+
+    asyncio.run(scenario())
+
+
+# --- overlapping ranges and repeats -------------------------------------------------------------
+
+
+def test_a_range_overlapping_stored_bytes_that_are_equal_is_skipped(tmp_path: Path) -> None:
+    """A retried range that overlaps stored bytes with the same bytes only adds what is new;
+    one entirely inside the stored bytes changes nothing; one past the end is 416."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            upload = await append(r.engine, await r.engine.create(new(8)), b"abc")
+            retried = await r.engine.begin_range(upload, 1, 5)  # "bcdef": a longer retry
+            assert r.engine.offset_of(upload) == 3
+            retried.feed(b"b")
+            retried.feed(b"cdef")
+            upload = await r.engine.finish_append(retried)
+            assert upload.offset == 6
+            inside = await r.engine.begin_range(upload, 2, 3)
+            inside.feed(b"cde")
+            assert (await r.engine.finish_append(inside)).offset == 6
+            assert (await refusal(r.engine.begin_range(upload, 7, 1))).status == 416
+            assert await stored(r.store, upload.id) == b"abcdef"
+
+    asyncio.run(scenario())
+
+
+def test_a_range_from_later_on_that_differs_from_stored_bytes_is_409(tmp_path: Path) -> None:
+    """A range starting after 0 whose overlap differs from the stored bytes is refused with
+    409, and nothing changes: not even its new bytes past the stored end are kept."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            upload = await append(r.engine, await r.engine.create(new(8)), b"abcdef")
+            differing = await r.engine.begin_range(upload, 4, 4)
+            differing.feed(b"eXgh")
+            error = await refusal(r.engine.finish_append(differing))
+            assert (error.status, error.code) == (409, "conflict")
+            after = await record(r.store, upload.id)
+            assert (after.offset, after.length, after.state) == (6, 8, State.RECEIVING)
+            assert await stored(r.store, upload.id) == b"abcdef"
+            assert (await append(r.engine, after, b"gh")).complete  # nothing was left held
+
+    asyncio.run(scenario())
+
+
+def test_a_range_from_0_that_differs_is_a_new_file(tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A body from byte 0 that differs from the stored bytes replaces them from the first
+    difference on: the delivered file is the new one."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url) as r:
+            upload = await append(r.engine, await r.engine.create(new(8)), b"abcdef")
+            replacing = await r.engine.begin_range(upload, 0, 8)
+            replacing.feed(b"abXYZ")
+            replacing.feed(b"fgh")
+            upload = await r.engine.finish_append(replacing)
+            assert upload.offset == 8
+            assert await stored(r.store, upload.id) == b"abXYZfgh"
+            assert (await r.engine.await_delivery(await r.engine.settle(upload))).accepted
+
+    asyncio.run(scenario())
+    assert [(put.size, put.sha256) for put in puts(legacy)] == [(8, sha256(b"abXYZfgh"))]
+
+
+def test_a_repeated_whole_file_with_the_same_bytes_gets_the_recorded_answer(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """The same whole file sent again to the same URL after it was delivered gets the
+    recorded answer and is not delivered again; different bytes are a new file, delivered."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url) as r:
+            key, path = "PUT /same.bin", "/in/same.bin"
+            first = await append(r.engine, await r.engine.create(new(3, path=path), key), b"abc")
+            answered = await r.engine.await_delivery(await r.engine.settle(first))
+            assert answered.accepted
+            repeat = await r.engine.create(new(3, path=path), key, previous=first.id)
+            repeat = await append(r.engine, repeat, b"abc")
+            settled = await r.engine.settle(repeat)
+            assert settled.state is State.DELIVERED and settled.answer == answered.answer
+            assert (await r.engine.await_delivery(settled)).answer == answered.answer
+            assert await r.store.size(repeat.id) == 0
+            assert len(puts(legacy)) == 1
+            changed = await r.engine.create(new(3, path=path), key, previous=first.id)
+            changed = await append(r.engine, changed, b"abd")
+            settled = await r.engine.settle(changed)
+            assert settled.state is State.COMPLETE
+            assert (await r.engine.await_delivery(settled)).accepted
+
+    asyncio.run(scenario())
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"abc"), sha256(b"abd")]
+
+
+def test_an_announced_digest_that_does_not_match_is_400_and_nothing_is_delivered(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A digest announced for the whole file is checked before delivery: a file that does
+    not match is refused (400 digest-mismatch) and ended, never sent; a digest that changes
+    between requests is 400; a matching file is delivered."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url) as r:
+            right = b64_sha256(b"abc")
+            good = await r.engine.create(new(3, digests={"sha256": right}))
+            assert (await refusal(r.engine.expect_digests(good, {"sha256": "AAAA"}))).status == 400
+            good = await append(r.engine, good, b"abc")
+            assert (await r.engine.await_delivery(await r.engine.settle(good))).accepted
+            bad = await append(r.engine, await r.engine.create(new(3, digests={"sha256": right})),
+                               b"abd")
+            error = await refusal(r.engine.settle(bad))
+            assert (error.status, error.code) == (400, "digest-mismatch")
+            assert (await refusal(r.engine.get(bad.id, OWNER))).status == 410
+            assert await r.store.size(bad.id) == 0
+
+    asyncio.run(scenario())
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"abc")]
+
+
+# --- store faults ---------------------------------------------------------------------------------
+
+
+def test_a_failed_save_while_committing_a_body_releases_the_lease(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """When the store cannot save the offset at the end of a body, the client gets a store
+    error, the upload is not left locked (the next request can write) and the offset on
+    record is unchanged or correct; the retried body completes a whole, correct file. A save
+    that fails while a checksummed body begins leaves no lease held either."""
+
+    async def scenario() -> None:
+        store = FaultyStore(LocalStore(tmp_path / "store", fsync=False))
+        async with rig(tmp_path, legacy.url, store=store) as r:
+            upload = await r.engine.create(new(5))
+            writing = await r.engine.begin_append(upload, 0, 5)
+            writing.feed(b"hello")
+            store.fail_saves(1)
+            with pytest.raises(ShimError) as refused:
+                await r.engine.finish_append(writing)
+            assert refused.value.status == 507 and store.failed_saves == 1
+            # Until the offset is saved (in the background), the shown offset stays at 5.
+            assert r.engine.offset_of(await record(r.store, upload.id)) == 5
+            async def saved() -> bool:
+                return (await record(r.store, upload.id)).offset == 5
+
+            await eventually(saved, "the offset saved in the background")
+            after = await record(r.store, upload.id)
+            assert after.offset == 5 and after.unverified_from is None
+            assert await stored(r.store, upload.id) == b"hello"
+            done = after
+            assert (await r.engine.await_delivery(await r.engine.settle(done))).accepted
+
+            checked = await r.engine.create(new(3))
+            checksum = e.Checksum("sha256", hashlib.sha256(b"abc").digest())
+            store.fail_saves(1)
+            with pytest.raises((ShimError, StoreError)):
+                await r.engine.begin_append(checked, 0, 3, checksum)
+            assert store.failed_saves == 2
+            assert (await append(r.engine, checked, b"abc", checksum=checksum)).offset == 3
+
+    asyncio.run(scenario())
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"hello")]
+
+
+def test_a_concurrent_change_during_a_commit_is_kept(tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A record changed by someone else while a body is committed (or while the outbox records
+    an answer) is read again and the change applied on top: both changes survive, and the file
+    is delivered once."""
+
+    async def scenario() -> None:
+        store = FaultyStore(LocalStore(tmp_path / "store", fsync=False))
+        async with rig(tmp_path, legacy.url, store=store) as r:
+            upload = await r.engine.create(new(None))
+            writing = await r.engine.begin_append(upload, 0, None)
+            writing.feed(b"abc")
+            store.conflict_once(lambda stored: replace(stored, length=6))  # a length declared
+            done = await r.engine.finish_append(writing)
+            assert (done.offset, done.length) == (3, 6)
+            assert (await record(r.store, upload.id)).length == 6
+            done = await append(r.engine, done, b"def")
+            store.conflict_once(lambda stored: replace(stored, metadata={"note": "meanwhile"}),
+                                State.DELIVERED)
+            assert (await r.engine.await_delivery(await r.engine.settle(done))).accepted
+            delivered = await record(r.store, upload.id)
+            assert delivered.state is State.DELIVERED and delivered.metadata == {"note": "meanwhile"}
+
+    asyncio.run(scenario())
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"abcdef")]
+
+
+def test_an_answer_that_cannot_be_recorded_is_507_and_never_delivered_twice(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """The legacy server accepted the file but the store cannot record it: the client is told
+    507 ("unrecorded"), the legacy server got exactly one request, and once the store works
+    again the upload becomes DELIVERED without a second request."""
+
+    async def scenario() -> None:
+        store = FaultyStore(LocalStore(tmp_path / "store", fsync=False))
+        async with rig(tmp_path, legacy.url, store=store) as r:
+            upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            store.fail_saves_in(State.DELIVERED)
+            settled = await r.engine.settle(upload)
+            delivery: Delivery = await r.engine.await_delivery(settled)
+            assert (delivery.code, delivery.status) == ("unrecorded", 507)
+            assert delivery.retry_after >= 1
+            assert len(puts(legacy)) == 1
+            assert (await r.engine.await_delivery(settled)).code == "unrecorded"
+            store.fail_saves_in(None)
+            await eventually(lambda: in_state(r.store, upload.id, State.DELIVERED),
+                             "the answer to be recorded")
+            final = await r.engine.await_delivery(settled)
+            assert final.accepted and final.answer is not None and final.answer.status == 201
+
+    asyncio.run(scenario())
+    assert [put.status for put in puts(legacy)] == [201]
