@@ -162,6 +162,8 @@ class Engine:
         self._tickets: dict[str, int] = {}
         """The newest take-over ticket of each upload written since start (see take_over)."""
         self._background: set[asyncio.Future[None]] = set()
+        self._turns: dict[str, asyncio.Future[None]] = {}
+        """The last request on each resource still beginning (see queue_begin)."""
 
     # --- records --------------------------------------------------------------------------
 
@@ -431,6 +433,21 @@ class Engine:
         except TimeoutError:
             log.warning("upload %s: the earlier request did not end in %ss", upload_id, timeout)
         return ticket
+
+    def queue_begin(self, resource: str) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        """Requests on one resource (an upload id or a protocol's key) begin in the order they
+        arrived: the begin to wait for (if any), and the future that ends this one's turn
+        (`end_turn`). Called as a request's head arrives, before anything awaits."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        previous = self._turns.get(resource)
+        self._turns[resource] = turn
+        return previous, turn
+
+    def end_turn(self, resource: str, turn: asyncio.Future[None]) -> None:
+        if not turn.done():
+            turn.set_result(None)
+        if self._turns.get(resource) is turn:
+            del self._turns[resource]
 
     def superseded(self, upload_id: str, ticket: int) -> bool:
         """A newer request took the upload over since `ticket` was handed out."""

@@ -23,6 +23,8 @@ from shim.wire import ContentRange
 
 log = logging.getLogger("shim.exchange")
 
+TURN_WAIT = 30.0
+"""Seconds a request waits for the earlier ones on the same upload to begin."""
 EARLY_LIMIT = 64 * 1024 * 1024
 """Body bytes held in memory while a request's upload is still being looked up."""
 
@@ -56,6 +58,15 @@ async def _required(engine: e.Engine, command: UploadCommand) -> Upload:
     return upload
 
 
+def _resource(command: c.Command) -> str | None:
+    """What a command works on, known from the request head alone: an upload's id or key."""
+    if isinstance(command, c.Append | c.Inspect | c.Cancel | c.WriteRange | c.WriteSegments):
+        return command.upload_id or command.key
+    if isinstance(command, c.Open):
+        return command.new.id
+    return None
+
+
 def _completes_at_end(command: c.Command) -> bool:
     return isinstance(command, c.Open | c.Append) and command.complete_at_end
 
@@ -77,14 +88,34 @@ class Exchange:
         self.previous: str | None = None
         """The delivered upload a new one under the same key may repeat."""
         self._interrupt: Callable[[], object] | None = None
+        self._after: asyncio.Future[None] | None = None
+        self._turn: asyncio.Future[None] | None = None
         self._begun: asyncio.Future[None] | None = None
         self._early: list[bytes] = []
         self._early_bytes = 0
         self._segments: asyncio.Queue[bytes | None] | None = None
         self._segments_task: asyncio.Future[None] | None = None
 
+    def _queue(self) -> None:
+        """Take this request's turn on its resource (see Engine.queue_begin), once."""
+        resource = _resource(self.command)
+        if resource is not None and self._turn is None:
+            self._after, self._turn = self.engine.queue_begin(resource)
+
     async def begin(self) -> None:
-        """Do what must happen before the body arrives; remember a refusal for `finish`."""
+        """Do what must happen before the body arrives; remember a refusal for `finish`.
+        Requests on the same upload begin in the order they arrived."""
+        self._queue()
+        try:
+            if self._after is not None:  # bounded: a lost turn must not stall the upload
+                await asyncio.wait([self._after], timeout=TURN_WAIT)
+            await self._begin_in_turn()
+        finally:
+            resource = _resource(self.command)
+            if resource is not None and self._turn is not None:
+                self.engine.end_turn(resource, self._turn)
+
+    async def _begin_in_turn(self) -> None:
         upload_id, ticket = None, 0
         try:
             upload_id = await _superseding(self.engine, self.command)
@@ -110,6 +141,7 @@ class Exchange:
         that arrive meanwhile wait in memory (at most EARLY_LIMIT bytes) until it is done;
         `then` runs after it (the 1xx is sent from there)."""
         self._interrupt = interrupt
+        self._queue()
 
         async def run() -> None:
             await self.begin()
