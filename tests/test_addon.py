@@ -198,3 +198,51 @@ def test_running_opens_each_client_connection_to_the_sink_at_once(tmp_path: Path
 
     asyncio.run(run())
 
+
+
+def test_an_exception_after_begin_is_500_and_leaves_no_lease_held(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug that raises after a PATCH began writing (here: while rendering the answer) gives
+    the client a 500 with a reason and forwards nothing; the bytes are kept and the upload is
+    not left locked: the next PATCH is answered, not 423."""
+    async def run() -> None:
+        async with running_shim(tmp_path) as shim:
+            location = await create(shim, 30)
+            original = Tus.render
+            monkeypatch.setattr(Tus, "render", _raising)
+            f = patch(location, 0, b"a" * 10)
+            await exchange(shim, f, b"a" * 10)
+            assert f.response is not None and f.response.status_code == 500
+            assert b"nothing was forwarded" in (f.response.content or b"")
+            monkeypatch.setattr(Tus, "render", original)
+            assert await head_offset(shim, location) == 10
+            f = patch(location, 10, b"b" * 10)
+            await exchange(shim, f, b"b" * 10)
+            assert f.response is not None and f.response.status_code == 204, f.response
+
+    asyncio.run(run())
+
+
+def test_an_exception_while_sending_the_104_releases_the_new_upload(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IETF creation whose 1xx cannot be sent (a bug, a client gone) still ends cleanly:
+    the lease on the upload it began is released, so a later append is not 423 for ever."""
+    async def run() -> None:
+        async with running_shim(tmp_path) as shim:
+            async def broken_interim(*args: object, **kwargs: object) -> bool:
+                raise RuntimeError("bug")
+
+            monkeypatch.setattr("shim.addon.send_interim", broken_interim)
+            f = flow("POST", "/up", {"Upload-Draft-Interop-Version": "8",
+                                     "Upload-Complete": "?0"}, b"hello")
+            await exchange(shim, f, b"hello")
+            assert f.response is not None and f.response.status_code in (201, 500)
+            engine = shim.engine
+            assert engine is not None
+            assert not engine._writers, "a write is still registered after the request ended"
+
+    asyncio.run(run())
+
+
+def _raising(*args: object, **kwargs: object) -> object:
+    raise RuntimeError("bug")
