@@ -31,6 +31,8 @@ __all__ = ["Append", "Checksum", "Delivery", "Engine", "NewUpload", "ShimError",
 log = logging.getLogger("shim.engine")
 
 CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "sha512")
+REPORT_LIMIT = 10_000
+"""Uploads in progress listed for one folder (WebDAV REPORT)."""
 WRITE_LEASE_TTL = 60.0
 """A write lease lapses this long after its last renewal (renewed every third of it)."""
 
@@ -220,7 +222,7 @@ class Engine:
     async def in_progress(self, key_prefix: str, owner: str) -> list[tuple[str, Upload]]:
         """The live, unfinished uploads whose keys start with `key_prefix`, with their keys."""
         found = []
-        for key, upload_id in await self.store.links(key_prefix):
+        for key, upload_id in await self.store.links(key_prefix, limit=REPORT_LIMIT):
             upload = await self.store.load(upload_id)
             if upload is None or upload.owner != owner or not upload.receiving:
                 continue
