@@ -115,6 +115,9 @@ class Upload:
     """Why the last delivery attempt got no answer; for FAILED, why it was given up."""
     attempts: int = 0
     first_attempt: float | None = None
+    last_bytes_sent: bool = False
+    """The attempt in DELIVERING has begun to send the file's last bytes: from then on a
+    crash leaves its outcome unknown."""
     next_attempt: float = 0.0
     """When the outbox should try (again) to deliver a COMPLETE upload."""
     unverified_from: int | None = None

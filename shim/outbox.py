@@ -186,16 +186,19 @@ class Outbox:
     async def _deliver(self, upload: Upload) -> None:
         now = self.clock()
         if upload.state is State.DELIVERING:  # its lease lapsed: the shim stopped mid-way
-            await self._record(upload, *self._unknown(upload, "the shim stopped during a "
-                                                      "delivery; the outcome is unknown"))
+            move = self._unknown(upload, "the shim stopped during a delivery; the outcome is "
+                                 "unknown") if upload.last_bytes_sent else self._transient(
+                upload, "the shim stopped before the whole file was sent")
+            await self._record(upload, *move)
             return
         if upload.state is not State.COMPLETE or upload.next_attempt > now:
             return
         if upload.first_attempt is not None and now - upload.first_attempt > self.policy.give_up_after:
             await self._record(upload, Event.GIVE_UP, {"problem": f"gave up: {upload.problem}"})
             return
-        upload = await transition(self.store, upload, Event.ATTEMPT, updated=now, update=lambda u: {
-            "attempts": u.attempts + 1, "first_attempt": u.first_attempt or now})
+        upload = await transition(self.store, upload, Event.ATTEMPT, updated=now, last_bytes_sent=False,
+                                  update=lambda u: {"attempts": u.attempts + 1,
+                                                    "first_attempt": u.first_attempt or now})
         self._notify(upload.id)
         event, changes = await self._send(upload)
         await self._record(upload, event, changes)
@@ -204,12 +207,19 @@ class Outbox:
         """Send the file once; the move and the changes that record how it went."""
         assert upload.target is not None and upload.length is not None
         digest = hashlib.sha256()
-        sent = {"all": False}
+        sent = {"all": False, "last": upload.length == 0}
+        if sent["last"]:
+            await self._mark_last_bytes(upload)
 
         async def body() -> AsyncIterator[bytes]:
             ids, sizes = await pieces(self.store, upload)
+            remaining = upload.length or 0
             async for chunk in self.store.read(ids, sizes):
                 digest.update(chunk)
+                remaining -= len(chunk)
+                if remaining <= 0 and not sent["last"]:
+                    await self._mark_last_bytes(upload)
+                    sent["last"] = True
                 yield chunk
             sent["all"] = True
 
@@ -221,7 +231,7 @@ class Outbox:
         except OutcomeUnknown as exc:
             return self._unknown(upload, str(exc))
         except asyncio.CancelledError:
-            move = self._unknown(upload, "the shim stopped during the delivery") if sent["all"] \
+            move = self._unknown(upload, "the shim stopped during the delivery") if sent["last"] \
                 else self._transient(upload, "the shim stopped before the whole file was sent")
             await asyncio.shield(self._record(upload, *move))
             raise
@@ -233,6 +243,12 @@ class Outbox:
             return Event.ACCEPTED, {"answer": answer, "problem": "",
                                     "sha256": digest.hexdigest() if sent["all"] else None}
         return Event.REFUSED, {"answer": answer, "problem": ""}
+
+    async def _mark_last_bytes(self, upload: Upload) -> None:
+        """Record that the file's last bytes go out now. Before this, a crash leaves a
+        request the legacy server cannot have completed (its Content-Length is not met), so
+        the delivery is safe to retry; after it, the outcome is unknown."""
+        await transition(self.store, upload, last_bytes_sent=True)
 
     def _transient(self, upload: Upload, problem: str) -> tuple[Event, dict[str, Any]]:
         log.warning("upload %s: delivery attempt %d failed: %s", upload.id, upload.attempts, problem)

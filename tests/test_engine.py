@@ -531,15 +531,16 @@ def test_offset_during_a_body_is_what_the_os_has_and_never_more_than_survives(tm
 @pytest.mark.parametrize("on_unknown", ["hold", "retry"])
 def test_a_delivery_cut_short_by_a_crash_follows_on_unknown(
         tmp_path: Path, legacy: WholeFileServer, on_unknown: Literal["hold", "retry"]) -> None:
-    """An upload the shim was delivering when it died has an unknown outcome: with
-    on_unknown=hold it is FAILED without another request (the client is told 502), with
-    retry it is delivered again, once."""
+    """An upload the shim was delivering when it died, after its last bytes went out, has an
+    unknown outcome: with on_unknown=hold it is FAILED without another request (the client
+    is told 502), with retry it is delivered again, once."""
 
     async def crash() -> str:
         async with rig(tmp_path, NOWHERE, start=False) as r:
             upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
             settled = await r.engine.settle(upload)
-            await transition(r.store, settled, Event.ATTEMPT, attempts=1, first_attempt=time.time())
+            await transition(r.store, settled, Event.ATTEMPT, attempts=1, first_attempt=time.time(),
+                             last_bytes_sent=True)
             return upload.id
 
     async def restart(upload_id: str) -> None:
@@ -558,6 +559,28 @@ def test_a_delivery_cut_short_by_a_crash_follows_on_unknown(
 
     asyncio.run(restart(asyncio.run(crash())))
     assert len(puts(legacy)) == (0 if on_unknown == "hold" else 1)
+
+
+def test_a_delivery_cut_short_before_its_last_bytes_is_retried_whatever_on_unknown(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A shim that died before the file's last bytes went out left the legacy server an
+    incomplete request: after a restart it is delivered, once, even under on_unknown=hold."""
+
+    async def crash() -> str:
+        async with rig(tmp_path, NOWHERE, start=False) as r:
+            upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            settled = await r.engine.settle(upload)
+            await transition(r.store, settled, Event.ATTEMPT, attempts=1, first_attempt=time.time())
+            return upload.id
+
+    async def restart(upload_id: str) -> None:
+        policy = replace(FAST, on_unknown="hold")
+        async with rig(tmp_path, legacy.url, policy=policy, store=await restarted_store(tmp_path)) as r:
+            await r.engine.recover()
+            await eventually(lambda: in_state(r.store, upload_id, State.DELIVERED), "the retry")
+
+    asyncio.run(restart(asyncio.run(crash())))
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"abc")]
 
 
 # --- the legacy server's answers ----------------------------------------------------------------
@@ -701,7 +724,8 @@ def test_no_answer_after_the_whole_file_is_sent_again_with_on_unknown_retry(tmp_
             async with rig(tmp_path, server.url, policy=policy) as r:
                 upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
                 await r.engine.settle(upload)
-                await eventually(lambda: len(server.seen) >= 2, "a second request")
+                await eventually(lambda: sum(seen.complete for seen in server.seen) >= 2,
+                                 "a second whole request")
                 waiting = await record(r.store, upload.id)
                 assert waiting.state in (State.COMPLETE, State.DELIVERING) and waiting.attempts >= 2
             assert all(seen.complete for seen in server.seen[:2])
