@@ -462,7 +462,7 @@ class Engine:
     async def renew_leases(self) -> None:
         """Keep the write leases of running bodies from lapsing."""
         for upload_id, append in list(self._writers.items()):
-            await self.store.acquire(f"write:{upload_id}", append.holder, WRITE_LEASE_TTL)
+            await self.store.renew(f"write:{upload_id}", append.holder, WRITE_LEASE_TTL)
 
     # --- concatenation (tus "concatenation"; several partial uploads make one file) ---------
 
@@ -523,8 +523,11 @@ class Engine:
                                        sha256=duplicate.sha256, updated=self.clock())
             await self.store.discard(upload.id)
             return upload
-        upload = await self.change(upload, Event.COMPLETE, next_attempt=self.clock(),
-                                   updated=self.clock())
+        try:
+            upload = await self.change(upload, Event.COMPLETE, next_attempt=self.clock(),
+                                       updated=self.clock())
+        except IllegalTransition:  # another request on it settled it first
+            return await self.store.load(upload.id) or upload
         self.outbox.kick()
         return upload
 

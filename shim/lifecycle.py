@@ -10,7 +10,7 @@ so an impossible state (delivered twice, terminated while a delivery runs) canno
         |                     +---+---transient--------+ (backoff; also on_unknown: retry)
         |                         +---give_up--------------------------->  FAILED
         +--terminate--> TERMINATED            (from any state but DELIVERING)
-        +--expire-----> EXPIRED               (from any state but DELIVERING)
+        +--expire-----> EXPIRED               (not while queued or being delivered)
     RECEIVING --duplicate--> DELIVERED  (complete, with the bytes of the file delivered just
                                          before under the same key: its answer is reused)
     FAILED --retry--> COMPLETE          (an operator re-queues it)
@@ -70,8 +70,12 @@ class IllegalTransition(Exception):
 
 
 _ENDABLE = (State.RECEIVING, State.COMPLETE, State.DELIVERED, State.REFUSED, State.FAILED)
-"""States a client or the sweeper may end: all but DELIVERING, whose outcome is not known yet
-and whose record the delivery worker is about to write."""
+"""States a client may end: all but DELIVERING, whose outcome is not known yet and whose
+record the delivery worker is about to write."""
+
+_EXPIRABLE = (State.RECEIVING, State.DELIVERED, State.REFUSED, State.FAILED)
+"""States the sweeper may end: not COMPLETE either, since a file waiting for the legacy
+server to come back is what the outbox promised to deliver."""
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.RECEIVING, Event.COMPLETE): State.COMPLETE,
@@ -86,7 +90,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.DELIVERING, Event.GIVE_UP): State.FAILED,
     (State.FAILED, Event.RETRY): State.COMPLETE,
     **{(state, Event.TERMINATE): State.TERMINATED for state in _ENDABLE},
-    **{(state, Event.EXPIRE): State.EXPIRED for state in _ENDABLE},
+    **{(state, Event.EXPIRE): State.EXPIRED for state in _EXPIRABLE},
 }
 
 FINAL = frozenset({State.DELIVERED, State.REFUSED})

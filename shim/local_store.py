@@ -117,7 +117,8 @@ class LocalStore:
         """Entries the new record needs, written first (see the module docstring)."""
         sql = self._sql()
         expires = upload.expires
-        if expires is not None:  # terminated ones too: their record goes when they expire
+        if expires is not None and upload.state not in AWAITING_DELIVERY:
+            # Terminated ones too: their record goes when they expire.
             sql.execute("INSERT OR REPLACE INTO expiry VALUES (?, ?)", (upload.id, expires))
         if upload.state in AWAITING_DELIVERY:
             sql.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)",
@@ -126,7 +127,7 @@ class LocalStore:
     def _index_after(self, upload: Upload) -> None:
         """Entries the new record no longer needs, removed once it is written."""
         sql = self._sql()
-        if upload.expires is None:
+        if upload.expires is None or upload.state in AWAITING_DELIVERY:
             sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload.id,))
         if upload.state not in AWAITING_DELIVERY:
             sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload.id,))
@@ -214,6 +215,14 @@ class LocalStore:
                 "holder = excluded.holder, until = excluded.until "
                 "WHERE leases.until < ? OR leases.holder = excluded.holder",
                 (name, holder, now + ttl, now))
+            return cursor.rowcount == 1
+
+        return await self._db(work)
+
+    async def renew(self, name: str, holder: str, ttl: float) -> bool:
+        def work() -> bool:
+            cursor = self._sql().execute("UPDATE leases SET until = ? WHERE name = ? AND holder = ?",
+                                         (time.time() + ttl, name, holder))
             return cursor.rowcount == 1
 
         return await self._db(work)

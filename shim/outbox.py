@@ -161,7 +161,7 @@ class Outbox:
 
     async def _renew(self) -> None:
         for upload_id, holder in list(self._holders.items()):
-            await self.store.acquire(f"deliver:{upload_id}", holder, LEASE_TTL)
+            await self.store.renew(f"deliver:{upload_id}", holder, LEASE_TTL)
 
     # --- one attempt ----------------------------------------------------------------------
 

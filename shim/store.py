@@ -138,6 +138,10 @@ class Store(Protocol):
     async def acquire(self, name: str, holder: str, ttl: float) -> bool:
         """Take the lease `name` for `ttl` seconds unless another holder has it unexpired."""
 
+    async def renew(self, name: str, holder: str, ttl: float) -> bool:
+        """Extend the lease by `ttl` from now if `holder` still has it (never re-takes one
+        that was released)."""
+
     async def release(self, name: str, holder: str) -> None:
         """Give the lease up if `holder` still has it."""
 

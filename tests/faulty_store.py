@@ -132,6 +132,10 @@ class FaultyStore:
         self.calls["acquire"] += 1
         return await self.inner.acquire(name, holder, ttl)
 
+    async def renew(self, name: str, holder: str, ttl: float) -> bool:
+        self.calls["renew"] += 1
+        return await self.inner.renew(name, holder, ttl)
+
     async def release(self, name: str, holder: str) -> None:
         self.calls["release"] += 1
         await self.inner.release(name, holder)

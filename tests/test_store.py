@@ -165,6 +165,7 @@ def test_records_survive_close_and_reopen(store: Backend) -> None:
         assert saved.version == 1
         await s.link("durable:key", upload_id)
         await write(s, upload_id, b"abc")
+        await s.save(record("idle-" + upload_id, expires_after=60))
 
     async def after(s: Store) -> None:
         loaded = await s.load(upload_id)
@@ -172,7 +173,8 @@ def test_records_survive_close_and_reopen(store: Backend) -> None:
         assert loaded.state is State.COMPLETE
         assert await s.resolve("durable:key") == upload_id
         assert await collect(s, [upload_id], [3]) == b"abc"
-        assert await s.expired(2000.0) == [upload_id]
+        # A queued upload never expires; an idle receiving one does.
+        assert await s.expired(2000.0) == ["idle-" + upload_id]
         assert await s.due(2000.0) == [upload_id]
         assert await s.next_due() == 1500.0
 
@@ -437,8 +439,11 @@ def test_forget_drops_hints_of_an_upload_without_a_record(store: Backend) -> Non
         await s.link("k/kept", kept.id)
         orphan = await s.save(record(updated=0.0, expires_after=1, state=State.COMPLETE))
         await s.link("k/orphan", orphan.id)
+        idle = await s.save(record(updated=0.0, expires_after=1))
+        idle_orphan = await s.save(record(updated=0.0, expires_after=1))
         await s.forget(orphan.id)
-        assert await s.expired(10.0) == [kept.id]
+        await s.forget(idle_orphan.id)
+        assert await s.expired(10.0) == [idle.id]
         assert await s.due(10.0) == [kept.id]
         assert await s.links("k/") == [("k/kept", kept.id)]
 
