@@ -21,7 +21,7 @@ from typing import Any
 
 from shim import errors
 from shim.errors import ShimError
-from shim.lifecycle import Event, IllegalTransition, State, advance
+from shim.lifecycle import AWAITING_DELIVERY, Event, IllegalTransition, State, advance
 from shim.model import Target, Upload
 from shim.outbox import Delivery, Outbox
 from shim.store import ChunkWriter, Conflict, Store, StoreError, pieces, transition
@@ -63,6 +63,9 @@ class Checksum:
     algorithm: str
     digest: bytes
 
+
+_NEEDS_PARTS = frozenset({State.RECEIVING, State.COMPLETE, State.DELIVERING, State.FAILED})
+"""States of a final upload that still reads its parts' bytes."""
 
 _REFUSALS = frozenset({"too-large", "bad-request", "gap", "range", "conflict"})
 
@@ -211,13 +214,18 @@ class Engine:
             raise errors.forbidden("this upload was created with other credentials")
         if upload.gone:
             raise errors.gone(f"the upload was {upload.state}")
-        expires = upload.expires
-        if expires is not None and expires < self.clock() and upload.id not in self._writers \
-                and upload.state is not State.DELIVERING:
+        if await self._expired(upload):
             with contextlib.suppress(Conflict, IllegalTransition):
                 await self._expire(upload)
             raise errors.gone("the upload has expired")
         return upload
+
+    async def _expired(self, upload: Upload) -> bool:
+        """Past its expiry, and nothing keeps it: no running body, no queued delivery, no
+        final upload that still needs its bytes."""
+        expires = upload.expires
+        return expires is not None and expires < self.clock() and upload.id not in self._writers \
+            and upload.state not in AWAITING_DELIVERY and not await self._in_use(upload)
 
     async def in_progress(self, key_prefix: str, owner: str) -> list[tuple[str, Upload]]:
         """The live, unfinished uploads whose keys start with `key_prefix`, with their keys."""
@@ -245,6 +253,9 @@ class Engine:
         """End an upload for good (tus/IETF DELETE, a new file replacing it)."""
         if upload.id in self._writers:
             raise errors.locked()
+        if await self._in_use(upload):
+            raise ShimError("in-use", "a final upload made of this part is not delivered yet",
+                            409)
         try:
             await self.change(upload, Event.TERMINATE, offset=0, updated=self.clock())
         except IllegalTransition:
@@ -497,13 +508,23 @@ class Engine:
         return upload
 
     async def wholes_of(self, part: Upload) -> list[Upload]:
-        """The concatenated uploads `part` belongs to."""
+        """The concatenated uploads `part` belongs to, brought up to date."""
+        return [await self.refresh(whole) for whole in await self._wholes(part)]
+
+    async def _wholes(self, part: Upload) -> list[Upload]:
         wholes = []
         for _, whole_id in await self.store.links(f"part-of:{part.id}:"):
             whole = await self.store.load(whole_id)
             if whole is not None and not whole.gone:
-                wholes.append(await self.refresh(whole))
+                wholes.append(whole)
         return wholes
+
+    async def _in_use(self, upload: Upload) -> bool:
+        """A partial upload that a final upload still needs: one not yet delivered, refused
+        or ended (tus concatenation: the parts' bytes are the final upload's)."""
+        if upload.target is not None or upload.parts:
+            return False
+        return any(whole.state in _NEEDS_PARTS for whole in await self._wholes(upload))
 
     # --- completion and delivery ----------------------------------------------------------
 
@@ -606,13 +627,16 @@ class Engine:
         if upload is None:
             await self.store.forget(upload_id)  # a hint left by a write that failed
             return False
-        expires = upload.expires
-        if expires is None or expires >= self.clock() or upload_id in self._writers:
+        if not await self._expired(upload):
+            if await self._in_use(upload):  # its final upload waits: so do its bytes
+                with contextlib.suppress(Conflict, ShimError):
+                    await self.change(upload, updated=self.clock())
+                    return True
             return False
         try:
             await self._expire(upload)
         except (Conflict, IllegalTransition):
-            return False  # it changed meanwhile, or is being delivered: not expired
+            return False  # it changed meanwhile: not expired
         return True
 
     async def _expire(self, upload: Upload) -> None:

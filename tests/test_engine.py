@@ -900,6 +900,66 @@ def test_terminated_and_expired_uploads_are_gone(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_queued_upload_and_the_parts_of_a_waiting_final_upload_never_expire(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """While the legacy server is down, a complete upload waiting in the outbox is kept past
+    its expiration, and so are the parts of a final upload that waits: they cannot be
+    deleted either (409). Once the server is back, both files are delivered once."""
+
+    async def scenario() -> None:
+        clock = Clock(time.time())
+        port = legacy.port
+        legacy.stop()
+        async with rig(tmp_path, f"http://127.0.0.1:{port}", clock=clock) as r:
+            single = await append(r.engine, await r.engine.create(new(3, expiration=60)), b"abc")
+            single = await r.engine.settle(single)
+            first = await append(r.engine, await r.engine.create(
+                new(2, target=False, expiration=60)), b"de")
+            second = await append(r.engine, await r.engine.create(
+                new(2, target=False, expiration=60)), b"fg")
+            whole = await r.engine.settle(await r.engine.concatenate(
+                new(None, parts=(first.id, second.id), expiration=60)))
+            assert (await r.engine.await_delivery(whole)).code == "pending"
+            assert (await refusal(r.engine.terminate(first))).status == 409
+            clock.now += 3600
+            await r.engine.sweep()
+            for kept in (single, first, second, whole):
+                assert (await r.engine.get(kept.id, OWNER)).id == kept.id
+            revived = WholeFileServer(legacy.directory, port=port)
+            revived.start()
+            try:
+                for done in (single, whole):
+                    await eventually(lambda done=done: in_state(r.store, done.id, State.DELIVERED),
+                                     "the delivery once the legacy server is back")
+                assert sorted(put.sha256 for put in puts(revived)) == sorted(
+                    [sha256(b"abc"), sha256(b"defg")])
+            finally:
+                revived.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_final_upload_whose_part_is_gone_fails_without_sending_anything(tmp_path: Path,
+                                                                          legacy: WholeFileServer) -> None:
+    """If a part's bytes are gone anyway (removed behind the shim's back), the final upload is
+    FAILED with the reason, and the legacy server never sees a request that breaks off."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url, start=False) as r:
+            first = await append(r.engine, await r.engine.create(new(2, target=False)), b"de")
+            second = await append(r.engine, await r.engine.create(new(2, target=False)), b"fg")
+            whole = await r.engine.settle(await r.engine.concatenate(
+                new(None, parts=(first.id, second.id))))
+            await r.store.discard(second.id)
+            r.outbox.start()
+            delivery = await r.engine.await_delivery(whole)
+            assert (delivery.code, delivery.status) == ("failed", 502)
+            assert "shorter than recorded" in delivery.problem
+
+    asyncio.run(scenario())
+    assert puts(legacy) == []
+
+
 def test_sweep_removes_expired_uploads_through_the_index_and_keeps_the_rest(tmp_path: Path) -> None:
     """The sweeper removes uploads unused past their expiration (record, key and bytes) and
     terminated ones whose expiry passed, found through the expiry index (no scan of every
