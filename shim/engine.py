@@ -93,6 +93,8 @@ class Append:
         """Ends the request that carries this body; set by whoever owns the connection."""
         self.released = asyncio.Event()
         self.ended = False
+        self.verify_only = False
+        """Only compare the body with the stored bytes (see Engine.begin_check)."""
         self.digests: dict[str, str] = dict(upload.digests)
         """Digests of the whole file to save once this body is accepted (RFC 9530)."""
 
@@ -318,6 +320,19 @@ class Engine:
         append.replaces = start == 0
         return append
 
+    async def begin_check(self, upload: Upload, start: int, body_length: int | None) -> Append:
+        """A body sent again once the file is complete (queued, being delivered, or held):
+        compared with the stored bytes as it arrives and never written (no lease needed).
+        Different bytes are refused with 409; more bytes than the file has with 413."""
+        if start > upload.offset:
+            raise ShimError("gap", f"the file has {upload.offset} bytes; a range must start "
+                            f"at or before {upload.offset}, not at {start}", 416)
+        writer = await self.store.open_writer(upload.id, upload.offset)
+        append = Append(upload, writer, 0, None, holder="")
+        append.compare = upload.offset - start
+        append.verify_only = True
+        return append
+
     async def _open(self, upload: Upload, offset: int, body_length: int | None,
                     checksum: Checksum | None, max_size: int,
                     digests: dict[str, str] | None) -> Append:
@@ -371,6 +386,9 @@ class Engine:
         if append.ended:
             return append.upload
         append.ended = True
+        if append.verify_only:
+            await self.store.close_writer(append.upload.id, append.writer, None, sync=False)
+            return await self.store.load(append.upload.id) or append.upload
         handed_off = False
         try:
             offset = await self._close_file(append, keep)

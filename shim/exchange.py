@@ -17,11 +17,17 @@ from shim import commands as c
 from shim import engine as e
 from shim import errors
 from shim.errors import ShimError
+from shim.lifecycle import State
 from shim.model import Reply, Request, Upload
 from shim.protocols import Protocol
 from shim.wire import ContentRange
 
 log = logging.getLogger("shim.exchange")
+
+_BYTES_KEPT = frozenset({State.COMPLETE, State.DELIVERING, State.FAILED})
+"""States of a complete upload whose file is still on the shim's disk."""
+_NEW_FILE_AFTER = frozenset({State.DELIVERED, State.REFUSED, State.FAILED})
+"""States after which a whole file from byte 0 at the same URL is a new upload."""
 
 TURN_WAIT = 30.0
 """Seconds a request waits for the earlier ones on the same upload to begin."""
@@ -234,9 +240,15 @@ class Exchange:
 
     async def _begin_range(self, command: c.WriteRange) -> None:
         upload = await self._range_upload(command)
-        if upload is None or not upload.receiving:
-            # An inquiry about nothing, or a retry while the file is delivered or after:
-            # finish() reports the delivery's outcome; nothing is written or sent again.
+        if upload is None:
+            return  # an inquiry about nothing
+        if not upload.receiving:
+            # A retry once the file is complete: finish() reports the delivery's outcome and
+            # nothing is sent again. While its bytes are still here, the body must equal
+            # them (409 otherwise): another file never gets this one's answer.
+            if command.start is not None and upload.state in _BYTES_KEPT:
+                self.append = await self.engine.begin_check(upload, command.start,
+                                                            self.request.body_length)
             return
         if command.total is not None:
             upload = await self.engine.declare_length(upload, command.total, command.max_size)
@@ -251,7 +263,7 @@ class Exchange:
         if upload is not None and command.restart and command.start == 0 and upload.receiving:
             await self.engine.terminate(upload)  # a whole new file replaces the one in progress
             upload = None
-        fresh = upload is None or (upload.delivered and command.start == 0)
+        fresh = upload is None or (upload.state in _NEW_FILE_AFTER and command.start == 0)
         if fresh and command.start == 0 and command.new is not None:
             previous = upload.id if upload is not None else None
             upload = await self.engine.create(command.new, command.key, previous)

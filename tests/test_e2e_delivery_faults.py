@@ -587,3 +587,31 @@ def test_non_utf8_host_on_ietf_creation_leaves_no_lease(front: Callable[..., Shi
     for upload_id in sorted(str(p) for p in created):
         answer = patch_until_unlocked(proc, upload_id)
         assert answer.status_code < 500, show(answer)
+
+
+def test_other_file_while_one_is_delivered_never_gets_its_answer(front: Callable[..., ShimProcess],
+                                                                 faulty: LegacyServer) -> None:
+    """While a whole file is being delivered (the legacy server is slow), a different file of
+    the same size PUT to the same URL is refused with 409, never answered with the first
+    file's answer; the same file again joins the delivery. Once the first is delivered, the
+    other file is a new upload, delivered with its own bytes."""
+    proc = front(wait=0.5, timeout=10.0)
+    faulty.late = 3.0
+    first, other = os.urandom(64 * KIB), os.urandom(64 * KIB)
+    target = "/cr/busy.bin"
+    faulty.set_mode("late")
+
+    assert_pending(put_range(proc, target, first))
+    refused = put_range(proc, target, other)
+    assert refused.status_code == 409, show(refused)
+    assert_pending(put_range(proc, target, first))  # the same bytes: joins, sends nothing
+    assert len(deliveries(faulty)) == 1
+
+    def answered(data: bytes) -> Callable[[], bool]:
+        return lambda: put_range(proc, target, data).status_code == 201
+
+    wait_until(answered(first), TIMEOUT, "the first file's answer")
+    faulty.set_mode("ok")
+    again = put_range(proc, target, other)
+    assert again.status_code == 201 and json.loads(again.text)["sha256"] == sha256(other), show(again)
+    assert [r.sha256 for r in deliveries(faulty)] == [sha256(first), sha256(other)]
