@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from shim import errors
@@ -93,6 +94,12 @@ class Append:
         """Ends the request that carries this body; set by whoever owns the connection."""
         self.released = asyncio.Event()
         self.ended = False
+        self.on_rewind: Callable[[int], Awaitable[None]] | None = None
+        """Puts the start of a new file (a body from 0 that differs) on record."""
+        self.rewinding: asyncio.Future[None] | None = None
+        self.held: list[bytes] = []
+        self.floor: int | None = None
+        """Where a new file began: what HEAD reports until the body is committed."""
         self.verify_only = False
         """Only compare the body with the stored bytes (see Engine.begin_check)."""
         self.digests: dict[str, str] = dict(upload.digests)
@@ -101,10 +108,16 @@ class Append:
     def feed(self, data: bytes) -> None:
         if self.failure is not None or not data or self.ended:
             return
+        if self.rewinding is not None and not self.rewinding.done():
+            self.held.append(data)  # until the new file's start is on record
+            return
         if self.compare:
             data = self._compare(data)
             if not data:
                 return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         if self.room is not None and self.writer.written + len(data) > self.room:
             self.failure = errors.too_large("the body goes past the upload's length")
             return
@@ -127,15 +140,31 @@ class Append:
         if stored == data[:size]:
             self.compare -= size
             return data[size:]
-        if not self.replaces:
+        if not self.replaces or self.on_rewind is None:
             self.failure = ShimError("conflict", "the bytes sent differ from the bytes stored "
                                      "at the same offsets", 409)
             return b""
         differs = next(i for i, (a, b) in enumerate(zip(stored, data[:size], strict=False))
                        if a != b) if len(stored) == size else len(stored)
-        self.writer.rewind(position + differs)
         self.compare = 0
-        return data[differs:]
+        self.floor = position + differs
+        self.held = [data[differs:]]
+        self.rewinding = asyncio.ensure_future(self._rewind(self.on_rewind, self.floor))
+        return b""
+
+    async def _rewind(self, on_rewind: Callable[[int], Awaitable[None]], position: int) -> None:
+        """A new file from `position` on: put that on record first (a crash then keeps only
+        the bytes both files share, never a splice), then write what arrived meanwhile."""
+        try:
+            await on_rewind(position)
+        except ShimError as exc:
+            self.failure = exc
+            return
+        self.writer.rewind(position)
+        held, self.held = self.held, []
+        for data in held:
+            if self.failure is None:
+                self._write(data)
 
     def seek(self, start: int) -> None:
         """The next bytes belong at `start` (a body with several ranges): at or before the
@@ -249,6 +278,8 @@ class Engine:
         active = self._writers.get(upload.id)
         if active is None or active.all_or_nothing or active.compare:
             return upload.offset
+        if active.floor is not None:
+            return active.floor
         return active.writer.position
 
     async def terminate(self, upload: Upload) -> None:
@@ -318,7 +349,17 @@ class Engine:
         append = await self._open(upload, upload.offset, remaining, None, max_size, None)
         append.compare = overlap
         append.replaces = start == 0
+        append.on_rewind = partial(self._mark_new_file, append)
         return append
+
+    async def _mark_new_file(self, append: Append, position: int) -> None:
+        """Record that the bytes past `position` are being replaced: a crash now truncates
+        the file there (as for an unverified chunk)."""
+        try:
+            append.upload = await self.change(append.upload, offset=position,
+                                              unverified_from=position)
+        except StoreError as exc:
+            raise errors.insufficient_storage(f"cannot record the new file: {exc}") from exc
 
     async def begin_check(self, upload: Upload, start: int, body_length: int | None) -> Append:
         """A body sent again once the file is complete (queued, being delivered, or held):
@@ -386,6 +427,8 @@ class Engine:
         if append.ended:
             return append.upload
         append.ended = True
+        if append.rewinding is not None:
+            await asyncio.gather(append.rewinding, return_exceptions=True)
         if append.verify_only:
             await self.store.close_writer(append.upload.id, append.writer, None, sync=False)
             return await self.store.load(append.upload.id) or append.upload

@@ -439,6 +439,54 @@ def test_a_full_disk_refuses_an_append_before_anything_is_written(tmp_path: Path
 # --- restart ------------------------------------------------------------------------------------
 
 
+def test_a_crash_while_a_new_file_replaces_the_old_one_never_splices_them(tmp_path: Path) -> None:
+    """A body from 0 that differs from the stored bytes is a new file. Killed while it is
+    written, the shim keeps only the bytes both files share: never the new file's start
+    followed by the old file's rest. HEAD never showed more than that meanwhile."""
+
+    async def crash() -> tuple[str, int]:
+        async with rig(tmp_path, NOWHERE, start=False) as r:
+            upload = await append(r.engine, await r.engine.create(new(8)), b"AAAAAA")
+            writing = await r.engine.begin_range(upload, 0, 8)
+            writing.feed(b"AAXX")
+            assert writing.rewinding is not None
+            await writing.rewinding  # the new file's start is on record
+            writing.feed(b"X")
+            told = r.engine.offset_of(upload)
+            assert (await record(r.store, upload.id)).unverified_from == 2
+            os.close(writing.writer.fd)  # the process dies mid-body
+            return upload.id, told
+
+    async def restart(upload_id: str) -> None:
+        async with rig(tmp_path, NOWHERE, store=await restarted_store(tmp_path)) as r:
+            await r.engine.recover()
+            recovered = await r.engine.get(upload_id, OWNER)
+            assert recovered.offset == 2 and await stored(r.store, upload_id) == b"AA"
+
+    upload_id, told = asyncio.run(crash())
+    assert told == 2
+    asyncio.run(restart(upload_id))
+
+
+def test_a_new_file_from_0_replaces_the_old_one_from_the_first_difference(tmp_path: Path,
+                                                                         legacy: WholeFileServer) -> None:
+    """A whole file from 0 that differs from the stored start of another is a new file: what
+    is delivered is exactly the new file, whatever arrived while its start was put on record."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url) as r:
+            upload = await append(r.engine, await r.engine.create(new(8)), b"AAAAAA")
+            writing = await r.engine.begin_range(upload, 0, 8)
+            for piece in (b"AAX", b"Y", b"ZZ", b"QQ"):
+                writing.feed(piece)  # most arrive while the rewind is being recorded
+            done = await r.engine.finish_append(writing)
+            assert done.offset == 8 and await stored(r.store, upload.id) == b"AAXYZZQQ"
+            assert (await r.engine.await_delivery(await r.engine.settle(done))).accepted
+
+    asyncio.run(scenario())
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"AAXYZZQQ")]
+
+
 def test_restart_commits_bytes_on_disk_and_drops_unverified_ones(tmp_path: Path) -> None:
     """After the shim died mid-body, start-up recovery commits the bytes that reached the disk
     and drops those of a checksummed chunk that was never verified; no offset a client was
