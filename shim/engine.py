@@ -90,6 +90,11 @@ class Engine:
         except Conflict:
             raise errors.gone("the upload was removed meanwhile") from None
 
+    async def _change_receiving(self, upload: Upload, **changes: Any) -> Upload:
+        """A writer's change (offset, unverified bytes): only while the upload receives; a
+        record another request completed meanwhile is left as it is (409)."""
+        return await self.change(upload, update=_still_receiving, **changes)
+
     async def create(self, new: NewUpload, key: str | None = None, previous: str | None = None
                      ) -> Upload:
         """A new upload; `key` names it for protocols that find uploads by URL, not by id."""
@@ -168,6 +173,9 @@ class Engine:
         if await self._in_use(upload):
             raise ShimError("in-use", "a final upload made of this part is not delivered yet",
                             409)
+        await self._terminate(upload)
+
+    async def _terminate(self, upload: Upload) -> None:
         try:
             await self.change(upload, Event.TERMINATE, offset=0, updated=self.clock())
         except IllegalTransition:
@@ -235,19 +243,23 @@ class Engine:
         """Record that the bytes past `position` are being replaced: a crash now truncates
         the file there (as for an unverified chunk)."""
         try:
-            append.upload = await self.change(append.upload, offset=position,
-                                              unverified_from=position)
+            append.upload = await self._change_receiving(append.upload, offset=position,
+                                                         unverified_from=position)
         except StoreError as exc:
             raise errors.insufficient_storage(f"cannot record the new file: {exc}") from exc
 
-    async def begin_check(self, upload: Upload, start: int, body_length: int | None) -> Append:
+    async def begin_check(self, upload: Upload, start: int, body_length: int | None
+                          ) -> Append | None:
         """A body sent again once the file is complete (queued, being delivered, or held):
         compared with the stored bytes as it arrives and never written (no lease needed).
         Different bytes are refused with 409; more bytes than the file has with 413."""
         if start > upload.offset:
             raise ShimError("gap", f"the file has {upload.offset} bytes; a range must start "
                             f"at or before {upload.offset}, not at {start}", 416)
-        writer = await self.store.open_writer(upload.id, upload.offset)
+        try:
+            writer = await self.store.open_writer(upload.id, upload.offset, create=False)
+        except FileNotFoundError:
+            return None  # delivered meanwhile: its bytes are gone, its answer is what counts
         append = Append(upload, writer, 0, None, holder="")
         append.compare = upload.offset - start
         append.verify_only = True
@@ -313,14 +325,23 @@ class Engine:
             return await self.store.load(append.upload.id) or append.upload
         handed_off = False
         try:
+            current = await self.store.load(append.upload.id)
+            if current is None or not current.receiving:
+                # Completed (or ended) by another request since this one began: its file is
+                # not this body's to cut or extend.
+                await self.store.close_writer(append.upload.id, append.writer, None, sync=False)
+                raise ShimError("completed", "the upload was completed by another request", 409)
             offset = await self._close_file(append, keep)
             try:
-                return await self.change(append.upload, offset=offset, unverified_from=None,
-                                         updated=self.clock(), **accepted)
+                upload = await self._change_receiving(append.upload, offset=offset,
+                                                      unverified_from=None, updated=self.clock(),
+                                                      **accepted)
             except StoreError as exc:
                 handed_off = True
                 self._spawn(self._commit_later(append, offset, accepted))
                 raise errors.insufficient_storage(f"the offset could not be recorded: {exc}") from exc
+            # Still under the lease: no other request can write to a file it just finished.
+            return await self._settle(upload)
         finally:
             if not handed_off:
                 await self._release(append)
@@ -345,11 +366,14 @@ class Engine:
             while True:
                 await asyncio.sleep(1.0)
                 try:
-                    await self.change(append.upload, offset=offset, unverified_from=None,
-                                      updated=self.clock(), **accepted)
-                    return
+                    upload = await self._change_receiving(
+                        append.upload, offset=offset, unverified_from=None, updated=self.clock(),
+                        **accepted)
                 except StoreError:
                     continue
+                with contextlib.suppress(ShimError):
+                    await self._settle(upload)
+                return
         finally:
             await self._release(append)
 
@@ -469,14 +493,21 @@ class Engine:
     # --- completion and delivery ----------------------------------------------------------
 
     async def settle(self, upload: Upload) -> Upload:
-        """A complete upload that is still RECEIVING goes to the outbox: unless its digests
-        do not match (it is terminated, never delivered) or it repeats the bytes of the file
-        delivered just before under the same key (it takes that file's answer)."""
+        """A complete upload that is still RECEIVING goes to the outbox (see _settle), unless
+        a request is still writing to it: that one settles it as its lease ends."""
+        if upload.id in self._writers:
+            return upload
+        return await self._settle(upload)
+
+    async def _settle(self, upload: Upload) -> Upload:
+        """Queue a complete RECEIVING upload for delivery: unless its digests do not match
+        (it is terminated, never delivered) or it repeats the bytes of the file delivered
+        just before under the same key (it takes that file's answer)."""
         if not upload.receiving or not upload.complete or upload.target is None:
             return upload
         mismatch = await self._digest_mismatch(upload)
         if mismatch:
-            await self.terminate(upload)
+            await self._terminate(upload)
             raise ShimError("digest-mismatch", mismatch, 400)
         duplicate = await self._duplicate_of(upload)
         if duplicate is not None:
@@ -486,8 +517,8 @@ class Engine:
             return upload
         try:
             upload = await self.change(upload, Event.COMPLETE, next_attempt=self.clock(),
-                                       updated=self.clock())
-        except IllegalTransition:  # another request on it settled it first
+                                       updated=self.clock(), update=_still_complete)
+        except (IllegalTransition, ShimError):  # another request settled or changed it first
             return await self.store.load(upload.id) or upload
         self.outbox.kick()
         return upload
@@ -586,6 +617,20 @@ class Engine:
             upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
         await self.store.remove(upload)
         self._tickets.pop(upload.id, None)
+
+
+def _still_complete(upload: Upload) -> dict[str, Any]:
+    """A guard for a move to COMPLETE on a record read again after a conflict."""
+    if not upload.complete:
+        raise ShimError("changed", "the upload changed before it was queued", 409)
+    return {}
+
+
+def _still_receiving(upload: Upload) -> dict[str, Any]:
+    """A guard for changes only a writer of a RECEIVING upload may make."""
+    if not upload.receiving:
+        raise ShimError("completed", "the upload is already complete", 409)
+    return {}
 
 
 def _same_request(existing: Upload, new: NewUpload) -> bool:

@@ -403,7 +403,7 @@ class Exchange:
 
     async def _inspect(self, command: c.Inspect) -> c.Outcome:
         upload = await self.engine.refresh(await _required(self.engine, command))
-        return await self._settle(upload)
+        return await self._settle(upload, finishes_wholes=False)
 
     async def _end_segments(self, command: c.WriteSegments) -> c.Outcome | None:
         """The byte-range body ended: an outcome if it was refused, else None."""
@@ -430,15 +430,16 @@ class Exchange:
             return c.Outcome(error=exc)
         return c.Outcome(upload=self.upload)  # pragma: no cover - a failure always raises
 
-    async def _settle(self, upload: Upload) -> c.Outcome:
+    async def _settle(self, upload: Upload, finishes_wholes: bool = True) -> c.Outcome:
         """Queue what just became complete; wait for the outcome of its delivery (never
-        starting one). A part of a concatenation completes the final uploads it finishes."""
+        starting one). A write that completes a part of a concatenation answers with the
+        delivery of the final upload it finishes (an inspection of the part does not)."""
         delivery = None
         if upload.complete and upload.target is not None:
             upload = await self.engine.settle(upload)
             delivery = await self.engine.await_delivery(upload)
             upload = await self.engine.store.load(upload.id) or upload
-        elif upload.complete:
+        elif upload.complete and finishes_wholes:
             for whole in await self.engine.wholes_of(upload):
                 if whole.complete:  # the part that finishes a file answers with its delivery
                     delivery = await self.engine.await_delivery(await self.engine.settle(whole))

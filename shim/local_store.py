@@ -250,9 +250,10 @@ class LocalStore:
             raise ValueError(f"not an upload id: {upload_id!r}")
         return self._data / upload_id
 
-    async def open_writer(self, upload_id: str, offset: int) -> ChunkWriter:
+    async def open_writer(self, upload_id: str, offset: int, create: bool = True) -> ChunkWriter:
         path = self._path(upload_id)
-        fd = await asyncio.to_thread(os.open, path, os.O_RDWR | os.O_CREAT, 0o600)
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        fd = await asyncio.to_thread(os.open, path, flags, 0o600)
         return ChunkWriter(fd, offset)
 
     async def close_writer(self, upload_id: str, writer: ChunkWriter, keep: int | None,

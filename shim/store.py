@@ -150,9 +150,10 @@ class Store(Protocol):
 
     # --- bytes ----------------------------------------------------------------------------
 
-    async def open_writer(self, upload_id: str, offset: int) -> ChunkWriter:
-        """Open the data file for writing at `offset`; bytes stored past it stay until the
-        writer is closed with the size to keep."""
+    async def open_writer(self, upload_id: str, offset: int, create: bool = True) -> ChunkWriter:
+        """Open the data file for writing at `offset` (FileNotFoundError if it is missing and
+        not `create`); bytes stored past it stay until the writer is closed with the size to
+        keep."""
 
     async def close_writer(self, upload_id: str, writer: ChunkWriter, keep: int | None,
                            sync: bool) -> int:

@@ -150,9 +150,9 @@ class FaultyStore:
 
     # --- bytes --------------------------------------------------------------------------------
 
-    async def open_writer(self, upload_id: str, offset: int) -> ChunkWriter:
+    async def open_writer(self, upload_id: str, offset: int, create: bool = True) -> ChunkWriter:
         self.calls["open_writer"] += 1
-        return await self.inner.open_writer(upload_id, offset)
+        return await self.inner.open_writer(upload_id, offset, create)
 
     async def close_writer(self, upload_id: str, writer: ChunkWriter, keep: int | None,
                            sync: bool) -> int:

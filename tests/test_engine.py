@@ -235,9 +235,10 @@ def test_a_finished_upload_is_delivered_once_byte_exact_and_the_answer_is_replay
             upload = await r.engine.create(new(10))
             upload = await append(r.engine, upload, b"01234")
             upload = await append(r.engine, upload, b"56789")
-            assert upload.complete and upload.state is State.RECEIVING
+            # The body that completes the file queues it before its write lease ends.
+            assert upload.complete and upload.state is State.COMPLETE
             settled = await r.engine.settle(upload)
-            assert settled.state is State.COMPLETE
+            assert settled == upload
             first = await r.engine.await_delivery(settled)
             again = await r.engine.await_delivery(settled)
             assert first.accepted and first.answer is not None and first.answer.status == 201
@@ -485,6 +486,34 @@ def test_a_new_file_from_0_replaces_the_old_one_from_the_first_difference(tmp_pa
 
     asyncio.run(scenario())
     assert [put.sha256 for put in puts(legacy)] == [sha256(b"AAXYZZQQ")]
+
+
+def test_a_new_file_that_began_on_a_stale_record_cannot_touch_a_completed_upload(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A body from 0 that began while another request was completing the upload (it read
+    the record before): the completing request queues the file before its lease ends, and
+    the late body, which differs, is refused (409) without writing a byte. The legacy server
+    gets the first file, whole, once."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url, start=False) as r:
+            stale = await append(r.engine, await r.engine.create(new(8)), b"AAAA")
+            finishing = await r.engine.begin_append(stale, 4, 4)
+            assert (await refusal(r.engine.begin_range(stale, 0, 8))).status == 423
+            finishing.feed(b"BBBB")
+            done = await r.engine.finish_append(finishing)
+            assert done.state is State.COMPLETE
+            late = await r.engine.begin_range(stale, 0, 8)  # read before the upload completed
+            late.feed(b"AAAXXXXX")
+            error = await refusal(r.engine.finish_append(late))
+            assert error.status == 409
+            assert await stored(r.store, done.id) == b"AAAABBBB"  # not cut, not overwritten
+            r.outbox.start()
+            delivery = await r.engine.await_delivery(done)
+            assert delivery.accepted
+
+    asyncio.run(scenario())
+    assert [put.sha256 for put in puts(legacy)] == [sha256(b"AAAABBBB")]
 
 
 def test_restart_commits_bytes_on_disk_and_drops_unverified_ones(tmp_path: Path) -> None:
@@ -1167,9 +1196,8 @@ def test_an_announced_digest_that_does_not_match_is_400_and_nothing_is_delivered
             assert (await refusal(r.engine.expect_digests(good, {"sha256": "AAAA"}))).status == 400
             good = await append(r.engine, good, b"abc")
             assert (await r.engine.await_delivery(await r.engine.settle(good))).accepted
-            bad = await append(r.engine, await r.engine.create(new(3, digests={"sha256": right})),
-                               b"abd")
-            error = await refusal(r.engine.settle(bad))
+            bad = await r.engine.create(new(3, digests={"sha256": right}))
+            error = await refusal(append(r.engine, bad, b"abd"))
             assert (error.status, error.code) == (400, "digest-mismatch")
             assert (await refusal(r.engine.get(bad.id, OWNER))).status == 410
             assert await r.store.size(bad.id) == 0
