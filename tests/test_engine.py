@@ -175,9 +175,11 @@ class RawLegacy:
 
     - "close-after-body": reads the whole Content-Length body, then closes without an answer;
     - "early-413": reads only the head, answers 413 and closes;
-    - "gated": reads the body, answers 201 once `gate` is set."""
+    - "gated": reads the body, answers 201 once `gate` is set;
+    - "stalled": reads only the head, then nothing until `gate` is set (then drops it);
+    - "early-201": reads only the head, answers 201 and closes."""
 
-    mode: Literal["close-after-body", "early-413", "gated"]
+    mode: Literal["close-after-body", "early-413", "gated", "stalled", "early-201"]
     seen: list[Seen] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -205,10 +207,14 @@ class RawLegacy:
             pairs = (line.partition(":") for line in head.split("\r\n")[1:] if line)
             seen = Seen({name.strip().lower(): value.strip() for name, _, value in pairs})
             self.seen.append(seen)
-            if self.mode == "early-413":
-                writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n"
+            if self.mode in ("early-413", "early-201"):
+                status = b"413 Content Too Large" if self.mode == "early-413" else b"201 Created"
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n"
                              b"Connection: close\r\n\r\n")
                 await writer.drain()
+                return
+            if self.mode == "stalled":
+                await self.gate.wait()
                 return
             await reader.readexactly(int(seen.headers.get("content-length", "0")))
             seen.complete = True
@@ -223,6 +229,92 @@ class RawLegacy:
 
 
 # --- delivery: once, whole, replayed ----------------------------------------------------------
+
+
+def test_the_last_bytes_are_put_on_record_only_as_they_go_out(tmp_path: Path) -> None:
+    """While the legacy server has not taken the whole file, the record says the last bytes
+    have not gone out (a crash then is safe to retry); once they have, it says so (a crash
+    then leaves the outcome unknown)."""
+
+    async def attempt(mode: Literal["stalled", "gated"], size: int) -> bool:
+        async with RawLegacy(mode) as server, rig(tmp_path / mode, server.url) as r:
+            upload = await append(r.engine, await r.engine.create(new(size)), os.urandom(size))
+            await eventually(lambda: bool(server.seen), "the delivery to start")
+            if mode == "gated":
+                await eventually(lambda: server.seen[0].complete, "the whole body to arrive")
+            else:
+                await asyncio.sleep(0)  # let the sender block on the full socket buffers
+            during = await record(r.store, upload.id)
+            assert during.state is State.DELIVERING
+            server.gate.set()
+            return during.last_bytes_sent
+
+    async def scenario() -> None:
+        assert await attempt("stalled", 16 * MIB) is False
+        assert await attempt("gated", 3) is True
+
+    asyncio.run(scenario())
+
+
+def test_an_early_acceptance_records_no_digest_of_bytes_never_sent(tmp_path: Path) -> None:
+    """A legacy server that accepts before reading the body: the answer is recorded, but no
+    SHA-256 is kept (it would not be the file's), so a repeat is not taken for a duplicate."""
+
+    async def scenario() -> None:
+        async with RawLegacy("early-201") as server, rig(tmp_path, server.url) as r:
+            upload = await append(r.engine, await r.engine.create(new(4 * MIB)), os.urandom(4 * MIB))
+            delivery = await r.engine.await_delivery(upload)
+            assert delivery.accepted
+            assert (await record(r.store, upload.id)).sha256 is None
+
+    asyncio.run(scenario())
+
+
+def test_a_delivery_lease_held_elsewhere_means_no_attempt_here(tmp_path: Path,
+                                                                legacy: WholeFileServer) -> None:
+    """At most one attempt per upload is in flight: while another worker (another instance)
+    holds the upload's delivery lease, this one sends nothing; once it is released, it does."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url, start=False) as r:
+            upload = await r.engine.create(new(3))
+            assert await r.store.acquire(f"deliver:{upload.id}", "elsewhere", 60.0)
+            upload = await append(r.engine, upload, b"abc")
+            r.outbox.start()
+            r.outbox.kick()
+            await asyncio.sleep(0.3)  # several worker rounds: none may send it
+            assert puts(legacy) == [] and (await record(r.store, upload.id)).state is State.COMPLETE
+            await r.store.release(f"deliver:{upload.id}", "elsewhere")
+            r.outbox.kick()
+            assert (await r.engine.await_delivery(upload)).accepted
+
+    asyncio.run(scenario())
+    assert len(puts(legacy)) == 1
+
+
+def test_a_client_waits_delivery_wait_then_hears_pending_with_retry_after(tmp_path: Path) -> None:
+    """A legacy server that takes longer than delivery.wait: the final request gets 'pending'
+    (503) with Retry-After about that wait, no earlier; the attempt goes on and its answer
+    is what a later request gets."""
+
+    async def scenario() -> None:
+        async with RawLegacy("gated") as server:
+            policy = replace(FAST, wait=1.5)
+            async with rig(tmp_path, server.url, policy=policy) as r:
+                upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+                started = time.monotonic()
+                delivery = await r.engine.await_delivery(upload)
+                waited = time.monotonic() - started
+                assert (delivery.code, delivery.status, delivery.retry_after) == ("pending", 503, 2)
+                assert "not answered yet" in delivery.problem
+                assert 1.4 <= waited
+                server.gate.set()
+                later = replace(FAST, wait=DEADLINE)
+                r.outbox.policy = later
+                assert (await r.engine.await_delivery(upload)).accepted
+                assert len(server.seen) == 1
+
+    asyncio.run(scenario())
 
 
 def test_a_finished_upload_is_delivered_once_byte_exact_and_the_answer_is_replayed(
