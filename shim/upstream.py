@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import h11
 from shim.model import Answer, HeaderList, Target
 
 MAX_ANSWER_BODY = 1024 * 1024
+SEND_BUFFER = 256 * 1024
+"""The kernel's send buffer for a delivery (SO_SNDBUF; Linux doubles it)."""
 """The legacy server's answer body is kept (and replayed) up to this size."""
 
 _MANAGED_HEADERS = {"host", "content-length", "transfer-encoding", "content-type", "connection"}
@@ -156,7 +159,14 @@ class Upstream:
             if not self.verify_tls:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-        return await asyncio.open_connection(self.origin.host, self.origin.port, ssl=context)
+        reader, writer = await asyncio.open_connection(self.origin.host, self.origin.port,
+                                                       ssl=context)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Bytes the kernel holds are bytes whose progress the idle timeout cannot see: keep
+            # them few, so a slow but steady legacy server is told apart from a dead one.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        return reader, writer
 
     def _headers(self, target: Target, framing: Framing, total: int,
                  extra: HeaderList) -> list[tuple[str, str]]:
@@ -173,14 +183,18 @@ class Upstream:
             await self._timed(writer.drain())
 
     async def _receive(self, reader: asyncio.StreamReader, sending: asyncio.Event) -> bytes:
-        """The next bytes of the answer. Silence is a timeout only once the whole request is
-        sent: a legacy server still reading a long body answers when it is done."""
-        while True:
-            try:
-                return await self._timed(reader.read(65536))
-            except TimeoutError:
-                if sending.is_set():
-                    raise
+        """The next bytes of the answer. While the request is still being sent, the sending
+        side's own timeouts watch the legacy server; once it is all sent, silence longer
+        than the idle timeout (counted from then, or from the last bytes received) is one."""
+        read = asyncio.ensure_future(reader.read(65536))
+        try:
+            if not sending.is_set():
+                sent = asyncio.ensure_future(sending.wait())
+                await asyncio.wait({read, sent}, return_when=asyncio.FIRST_COMPLETED)
+                sent.cancel()
+            return await asyncio.wait_for(asyncio.shield(read), self.timeout)
+        finally:
+            read.cancel()
 
     async def _timed[T](self, step: Awaitable[T]) -> T:
         async with asyncio.timeout(self.timeout):

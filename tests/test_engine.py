@@ -16,6 +16,7 @@ import errno
 import hashlib
 import inspect
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -68,12 +69,13 @@ class Rig:
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, origin: str, *, policy: DeliveryPolicy = FAST,
               clock: Callable[[], float] = time.time, store: Store | None = None,
-              start: bool = True, min_free_bytes: int = 0) -> AsyncIterator[Rig]:
+              start: bool = True, min_free_bytes: int = 0,
+              upstream_timeout: float = UPSTREAM_TIMEOUT) -> AsyncIterator[Rig]:
     """An engine and its outbox on a LocalStore in tmp_path/"store" (or `store`), sending to
     `origin`; the outbox runs unless `start` is False. Stopped and closed at the end."""
     if store is None:
         store = LocalStore(tmp_path / "store", fsync=False)
-    outbox = Outbox(store, Upstream(Origin.parse(origin), timeout=UPSTREAM_TIMEOUT), policy)
+    outbox = Outbox(store, Upstream(Origin.parse(origin), timeout=upstream_timeout), policy)
     engine = e.Engine(store, outbox, min_free_bytes, clock)
     if start:
         outbox.start()
@@ -177,9 +179,11 @@ class RawLegacy:
     - "early-413": reads only the head, answers 413 and closes;
     - "gated": reads the body, answers 201 once `gate` is set;
     - "stalled": reads only the head, then nothing until `gate` is set (then drops it);
-    - "early-201": reads only the head, answers 201 and closes."""
+    - "early-201": reads only the head, answers 201 and closes;
+    - "slow": reads the body 64 KiB every 30 ms through a small receive buffer, then
+      answers 201 after 200 ms."""
 
-    mode: Literal["close-after-body", "early-413", "gated", "stalled", "early-201"]
+    mode: Literal["close-after-body", "early-413", "gated", "stalled", "early-201", "slow"]
     seen: list[Seen] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -190,7 +194,10 @@ class RawLegacy:
         return f"http://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> RawLegacy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # accepted ones too
+        listener.bind(("127.0.0.1", 0))
+        self._server = await asyncio.start_server(self._serve, sock=listener)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -215,6 +222,16 @@ class RawLegacy:
                 return
             if self.mode == "stalled":
                 await self.gate.wait()
+                return
+            if self.mode == "slow":
+                left = int(seen.headers.get("content-length", "0"))
+                while left:
+                    await asyncio.sleep(0.03)
+                    left -= len(await reader.readexactly(min(64 * 1024, left)))
+                seen.complete = True
+                await asyncio.sleep(0.2)
+                writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
                 return
             await reader.readexactly(int(seen.headers.get("content-length", "0")))
             seen.complete = True
@@ -252,6 +269,23 @@ def test_the_last_bytes_are_put_on_record_only_as_they_go_out(tmp_path: Path) ->
     async def scenario() -> None:
         assert await attempt("stalled", 16 * MIB) is False
         assert await attempt("gated", 3) is True
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_but_steady_legacy_server_is_not_cut_off(tmp_path: Path) -> None:
+    """upstream.timeout is an idle timeout: a legacy server that takes about 2 s to read a
+    file and answer, but never pauses longer than the timeout (1 s), gets it delivered once."""
+
+    async def scenario() -> None:
+        async with RawLegacy("slow") as server, \
+                rig(tmp_path, server.url, upstream_timeout=1.0) as r:
+            size = 4 * MIB
+            upload = await append(r.engine, await r.engine.create(new(size)), os.urandom(size))
+            started = time.monotonic()
+            assert (await r.engine.await_delivery(upload)).accepted
+            assert time.monotonic() - started > 1.0  # longer than the timeout in all
+            assert len(server.seen) == 1 and server.seen[0].complete
 
     asyncio.run(scenario())
 
