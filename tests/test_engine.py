@@ -896,6 +896,47 @@ def test_delivery_gives_up_after_give_up_after(tmp_path: Path, legacy: WholeFile
     assert [put.status for put in puts(legacy)] == [503]
 
 
+def test_an_upload_whose_give_up_time_passed_while_queued_is_failed_unsent(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """A queued upload whose first attempt is older than give_up_after when the worker picks
+    it up (the shim was down meanwhile) is FAILED at once, saying why, without a request."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, legacy.url, start=False,
+                       policy=replace(FAST, give_up_after=60.0)) as r:
+            upload = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            await transition(r.store, await record(r.store, upload.id), first_attempt=time.time() - 61,
+                             attempts=3, problem="the legacy server answered 503")
+            r.outbox.start()
+            delivery = await r.engine.await_delivery(upload)
+            assert (delivery.code, delivery.problem) == ("failed",
+                                                         "gave up: the legacy server answered 503")
+
+    asyncio.run(scenario())
+    assert puts(legacy) == []
+
+
+def test_no_more_deliveries_in_flight_than_the_concurrency_allows(tmp_path: Path) -> None:
+    """With delivery concurrency 1, a second finished upload waits until the first attempt
+    has ended: the legacy server never has two deliveries at once; both arrive."""
+
+    async def scenario() -> None:
+        async with RawLegacy("gated") as server:
+            async with rig(tmp_path, server.url, policy=replace(FAST, concurrency=1)) as r:
+                first = await append(r.engine, await r.engine.create(new(3)), b"abc")
+                second = await append(r.engine, await r.engine.create(new(3)), b"def")
+                await eventually(lambda: len(server.seen) == 1, "the first delivery")
+                r.outbox.kick()
+                await asyncio.sleep(0.2)  # worker rounds in which a second one must not start
+                assert len(server.seen) == 1
+                server.gate.set()
+                for upload in (first, second):
+                    assert (await r.engine.await_delivery(upload)).accepted
+                assert len(server.seen) == 2
+
+    asyncio.run(scenario())
+
+
 def test_no_answer_after_the_whole_file_is_held_with_on_unknown_hold(tmp_path: Path) -> None:
     """A legacy server that reads the whole file and closes without an answer may have stored
     it: with on_unknown=hold it gets no second request; the upload is FAILED (client: 502)."""
