@@ -921,18 +921,18 @@ def test_no_more_deliveries_in_flight_than_the_concurrency_allows(tmp_path: Path
     has ended: the legacy server never has two deliveries at once; both arrive."""
 
     async def scenario() -> None:
-        async with RawLegacy("gated") as server:
-            async with rig(tmp_path, server.url, policy=replace(FAST, concurrency=1)) as r:
-                first = await append(r.engine, await r.engine.create(new(3)), b"abc")
-                second = await append(r.engine, await r.engine.create(new(3)), b"def")
-                await eventually(lambda: len(server.seen) == 1, "the first delivery")
-                r.outbox.kick()
-                await asyncio.sleep(0.2)  # worker rounds in which a second one must not start
-                assert len(server.seen) == 1
-                server.gate.set()
-                for upload in (first, second):
-                    assert (await r.engine.await_delivery(upload)).accepted
-                assert len(server.seen) == 2
+        async with RawLegacy("gated") as server, \
+                rig(tmp_path, server.url, policy=replace(FAST, concurrency=1)) as r:
+            first = await append(r.engine, await r.engine.create(new(3)), b"abc")
+            second = await append(r.engine, await r.engine.create(new(3)), b"def")
+            await eventually(lambda: len(server.seen) == 1, "the first delivery")
+            r.outbox.kick()
+            await asyncio.sleep(0.2)  # worker rounds in which a second one must not start
+            assert len(server.seen) == 1
+            server.gate.set()
+            for upload in (first, second):
+                assert (await r.engine.await_delivery(upload)).accepted
+            assert len(server.seen) == 2
 
     asyncio.run(scenario())
 
