@@ -219,10 +219,7 @@ class Shim:
                     self._note_declined(flow, protocol, command)
                     return None
                 exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
-                interim = exchange.interim
-                if interim is not None:
-                    await send_interim(flow, interim.status, interim.reason or "",
-                                       list(interim.headers))
+                await self._send_interim(flow, exchange)
             except Exception:
                 await exchange.abort()  # whatever it began, it releases
                 raise
@@ -231,6 +228,7 @@ class Shim:
 
     @staticmethod
     async def _send_interim(flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """The 1xx the exchange asks for (IETF 104), unless it was refused already."""
         interim = exchange.interim
         if interim is not None:
             await send_interim(flow, interim.status, interim.reason or "", list(interim.headers))
