@@ -23,8 +23,9 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from shim import config as shim_config
-from shim.commands import Command, Forward, NeedBody
-from shim.engine import WRITE_LEASE_TTL, Engine, every
+from shim import errors
+from shim.commands import Command, Forward, NeedBody, Refuse
+from shim.engine import WRITE_LEASE_TTL, Engine, Limits, every
 from shim.exchange import Exchange
 from shim.local_store import LocalStore
 from shim.mitm import close_client, send_interim
@@ -103,7 +104,9 @@ class Shim:
             wait=delivery.wait, give_up_after=delivery.give_up_after,
             on_unknown=delivery.on_unknown))
         self.store = store
-        self.engine = Engine(store, outbox, config.storage.min_free_bytes)
+        limits = config.limits
+        self.engine = Engine(store, outbox, config.storage.min_free_bytes, limits=Limits(
+            uploads_per_owner=limits.uploads_per_owner, uploads_total=limits.uploads_total))
         self.protocols = _protocols(config)
         self.origin = origin
         self._config_path = path
@@ -119,7 +122,7 @@ class Shim:
         # for the legacy server itself, as mitmproxy's reverse mode would (_to_legacy).
         self._rewrite_host = not ctx.options.keep_host_header
         ctx.options.update(connection_strategy="eager" if self._eager_sink else "lazy",
-                           keep_host_header=True)
+                           keep_host_header=True, tcp_timeout=self.config.limits.client_timeout)
         await self.sink.start()
         assert self.engine is not None and self.store is not None
         engine = self.engine
@@ -181,6 +184,8 @@ class Shim:
             request.data.port = self.origin.port
         if self._rewrite_host:
             request.host_header = url.hostport(self.origin.scheme, self.origin.host, self.origin.port)
+        if _has_body(request) and _NEEDS_BODY not in flow.metadata:
+            request.stream = True  # constant memory whatever its size: nothing here reads it
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class Shim:
         if not self._ready.is_set():
             await self._ready.wait()
         try:
-            state = await self._claim(flow, _to_model(flow.request, flow.client_conn.tls_established))
+            state = await self._claim(flow, *self._model(flow))
         except Exception:
             log.exception("shim: failed to begin %s %s", flow.request.method, flow.request.path)
             state = _FlowState(None, _internal_error())
@@ -200,7 +205,15 @@ class Shim:
         else:
             self._to_legacy(flow)
 
-    async def _claim(self, flow: http.HTTPFlow, request: Request) -> _FlowState | None:
+    def _model(self, flow: http.HTTPFlow) -> tuple[Request, bool]:
+        """The request as the protocols see it, and whether its Host may be written into
+        the URLs the shim hands out (always, with `public_url`)."""
+        origin = self.config.public_url.rstrip("/") or _client_origin(
+            flow.request.host_header or "", flow.client_conn.tls_established)
+        return _to_model(flow.request, origin or ""), origin is not None
+
+    async def _claim(self, flow: http.HTTPFlow, request: Request, host_ok: bool
+                     ) -> _FlowState | None:
         """Ask each protocol whether the request is theirs; begin the exchange if so."""
         assert self.engine is not None
         owner = _owner(request, self.config.owner_header)
@@ -208,6 +221,9 @@ class Shim:
             command = protocol.parse(request, owner)
             if command is None:
                 continue
+            if not host_ok and not isinstance(command, Forward | NeedBody):
+                command = Refuse(errors.bad_request(
+                    "the Host field is not a valid host[:port]; nothing was stored"))
             exchange = Exchange(self.engine, protocol, request, command)
             if request.has_body and not isinstance(command, Forward | NeedBody):
                 exchange.start(partial(close_client, flow, "a newer request took over"),
@@ -273,8 +289,7 @@ class Shim:
         """Ask the protocol again, now with the body; None leaves the request untouched."""
         assert self.engine is not None
         try:
-            request = replace(_to_model(flow.request, flow.client_conn.tls_established),
-                              body=flow.request.content or b"")
+            request = replace(self._model(flow)[0], body=flow.request.content or b"")
             command = protocol.parse(request, _owner(request, self.config.owner_header))
             if command is None or isinstance(command, NeedBody):
                 return
@@ -284,6 +299,12 @@ class Shim:
         except Exception:
             log.exception("shim: failed to decide on %s %s", flow.request.method, flow.request.path)
             flow.metadata[_STATE] = _FlowState(None, _internal_error())
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """The legacy server's answers to requests the shim does not claim stream through
+        (a download must not be held in memory); the shim's own are small."""
+        if flow.response is not None and not (flow.metadata.keys() & {_STATE, _FORWARD}):
+            flow.response.stream = True
 
     async def response(self, flow: http.HTTPFlow) -> None:
         forward = flow.metadata.pop(_FORWARD, None)
@@ -368,9 +389,8 @@ async def _guarded_abort(exchange: Exchange) -> None:
         log.exception("shim: failed to release an upload after an error")
 
 
-def _to_model(request: http.Request, tls: bool = False) -> Request:
+def _to_model(request: http.Request, origin: str) -> Request:
     path, _, query = request.path.partition("?")
-    authority = request.host_header or ""
     fields = tuple((k, v) for k, v in request.headers.items(multi=True))
     length_text = request.headers.get("content-length")
     if length_text is not None and length_text.strip().isdigit():
@@ -379,10 +399,28 @@ def _to_model(request: http.Request, tls: bool = False) -> Request:
         body_length = None
     else:
         body_length = None if request.is_http2 or request.is_http3 else 0
-    # Absolute URLs only for an authority that can be written back into a header as it came.
-    origin = f"{'https' if tls else 'http'}://{authority}" \
-        if authority and authority.isascii() and authority.isprintable() else ""
     return Request(request.method.upper(), path, query, fields, body_length, origin=origin)
+
+
+def _client_origin(authority: str, tls: bool) -> str | None:
+    """`scheme://host[:port]` as the client addressed the shim; "" when it named no host,
+    None when its Host is not a valid host[:port] (RFC 9110 section 7.2), which must never
+    be written into a URL the shim hands out."""
+    if not authority:
+        return ""
+    try:
+        url.parse_authority(authority, check=True)
+    except ValueError:
+        return None
+    if not authority.isascii():
+        return None
+    return f"{'https' if tls else 'http'}://{authority}"
+
+
+def _has_body(request: http.Request) -> bool:
+    length = request.headers.get("content-length", "0").strip()
+    return "transfer-encoding" in request.headers or length not in ("", "0") or \
+        request.is_http2 or request.is_http3
 
 
 def _owner(request: Request, header: str) -> str:

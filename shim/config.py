@@ -14,10 +14,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
 SUPPORTED_INTEROP_VERSIONS = frozenset({3, 5, 6, 7, 8})
+DEFAULT_MAX_SIZE = 10 * 1024**3
+"""Every protocol's largest upload unless configured (0: no limit)."""
 
 
 class ConfigError(ValueError):
@@ -36,7 +39,7 @@ class ForwardConfig:
 class TusConfig:
     enabled: bool = True
     endpoint: str = "/files/"
-    max_size: int = 0
+    max_size: int = DEFAULT_MAX_SIZE
     """Largest upload accepted, in bytes; 0 means no limit (advertised as Tus-Max-Size)."""
     expiration: int = 86400
     """Seconds of inactivity after which an unfinished upload is removed; 0 means never."""
@@ -50,7 +53,7 @@ class ContentRangeConfig:
     """Path prefixes where PUT/POST with Content-Range is a resumable upload; empty: all."""
     sessions: bool = True
     """Google-style sessions: POST ?uploadType=resumable or x-goog-resumable: start."""
-    max_size: int = 0
+    max_size: int = DEFAULT_MAX_SIZE
     expiration: int = 86400
 
 
@@ -63,7 +66,7 @@ class IetfConfig:
     """Path prefixes where a POST/PUT with Upload-Complete is upgraded; empty: all."""
     versions: tuple[int, ...] = (3, 5, 6, 7, 8)
     """Upload-Draft-Interop-Version values spoken."""
-    max_size: int = 0
+    max_size: int = DEFAULT_MAX_SIZE
     expiration: int = 86400
 
 
@@ -73,7 +76,7 @@ class TusTargetConfig:
 
     enabled: bool = True
     paths: tuple[str, ...] = ()
-    max_size: int = 0
+    max_size: int = DEFAULT_MAX_SIZE
     expiration: int = 86400
 
 
@@ -85,7 +88,7 @@ class Seed001Config:
     query_range: bool = False
     expect_range: bool = False
     paths: tuple[str, ...] = ()
-    max_size: int = 0
+    max_size: int = DEFAULT_MAX_SIZE
     expiration: int = 86400
 
 
@@ -95,7 +98,7 @@ class ByterangesConfig:
 
     enabled: bool = True
     paths: tuple[str, ...] = ()
-    max_size: int = 0
+    max_size: int = DEFAULT_MAX_SIZE
     expiration: int = 86400
 
 
@@ -104,7 +107,7 @@ class WebdavConfig:
     """WebDAV resumable upload (seed 002), only under these path prefixes."""
 
     paths: tuple[str, ...] = ()
-    max_size: int = 0
+    max_size: int = DEFAULT_MAX_SIZE
     expiration: int = 86400
 
 
@@ -137,6 +140,37 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may take of the shim (issue 9: no client exhausts it for the rest)."""
+
+    header_bytes: int = 64 * 1024
+    """Largest request head (request line and fields); past it: 431."""
+    uploads_per_owner: int = 100
+    """Uploads in progress per owner (`owner_header` value; anonymous ones share one); 0: any."""
+    uploads_total: int = 10_000
+    """Uploads in progress in all; 0: any. Past either cap a creation gets 429 + Retry-After."""
+    client_timeout: int = 60
+    """Seconds a client connection may send nothing before it is closed (headers and body)."""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    pass_through: bool = False
+    """Forward requests that announce a partial upload no enabled protocol takes (for a
+    legacy server that understands Content-Range itself) instead of refusing them (400)."""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Ask the legacy server whether a client may upload before storing a byte."""
+
+    preflight: Literal["none", "expect", "url"] = "none"
+    url: str = ""
+    """For `url`: the absolute URL a GET with the client's credentials is sent to."""
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tus: TusConfig = field(default_factory=TusConfig)
@@ -148,6 +182,12 @@ class Config:
     webdav: WebdavConfig = field(default_factory=WebdavConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    public_url: str = ""
+    """`scheme://host[:port]` of every absolute URL the shim writes (IETF Location, Google
+    session URIs); empty: the client's own Host, which must then be a valid host[:port]."""
     owner_header: str = "authorization"
     """Requests on an upload must carry the same value of this header as the one that made it."""
 
@@ -243,16 +283,38 @@ def _check(config: Config) -> None:
         ("tus.max_size", config.tus.max_size),
         ("tus.expiration", config.tus.expiration),
         ("storage.min_free_bytes", config.storage.min_free_bytes),
+        ("limits.uploads_per_owner", config.limits.uploads_per_owner),
+        ("limits.uploads_total", config.limits.uploads_total),
     ):
         if number < 0:
             raise ConfigError(f"{key}: must not be negative, not {number}")
     for key, seconds in (("upstream.timeout", config.upstream.timeout),
                          ("delivery.wait", config.delivery.wait),
-                         ("delivery.give_up_after", config.delivery.give_up_after)):
+                         ("delivery.give_up_after", config.delivery.give_up_after),
+                         ("limits.header_bytes", config.limits.header_bytes),
+                         ("limits.client_timeout", config.limits.client_timeout),
+                         ("auth.timeout", config.auth.timeout)):
         if seconds <= 0:
             raise ConfigError(f"{key}: must be positive, not {seconds}")
     if not config.tus.forward.field:
         raise ConfigError("tus.forward.field: must not be empty")
+    if config.public_url and not _is_origin(config.public_url):
+        raise ConfigError(f"public_url: must be scheme://host[:port] with no path, "
+                          f"not {config.public_url!r}")
+    if config.auth.preflight == "url" and not _is_origin(config.auth.url, path=True):
+        raise ConfigError(f"auth.url: preflight 'url' needs an http(s) URL, not {config.auth.url!r}")
+
+
+def _is_origin(value: str, path: bool = False) -> bool:
+    """An http(s) URL with a host (and, unless `path`, nothing after the authority)."""
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    return path or (parts.path in ("", "/") and not parts.query and not parts.fragment)
 
 
 def _check_template(key: str, template: str) -> None:

@@ -60,15 +60,28 @@ class NewUpload:
     digests: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Caps on uploads in progress, so that no one client exhausts the shim for the rest."""
+
+    uploads_per_owner: int = 100
+    uploads_total: int = 10_000
+    retry_after: int = 60
+    """Seconds a client refused by a cap is told to wait (Retry-After)."""
+
+
 _NEEDS_PARTS = frozenset({State.RECEIVING, State.COMPLETE, State.DELIVERING, State.FAILED})
 """States of a final upload that still reads its parts' bytes."""
 
 class Engine:
     def __init__(self, store: Store, outbox: Outbox, min_free_bytes: int = 0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, limits: Limits | None = None) -> None:
         self.store = store
         self.outbox = outbox
         self.min_free_bytes = min_free_bytes
+        self.limits = limits or Limits()
+        self._creating = asyncio.Lock()
+        """Creations count and save one at a time, so that a cap is never overshot."""
         self.clock = clock
         self.instance = secrets.token_hex(8)
         """Names this process as a lease holder."""
@@ -100,15 +113,31 @@ class Engine:
         """A new upload; `key` names it for protocols that find uploads by URL, not by id."""
         if new.max_size and new.length is not None and new.length > new.max_size:
             raise errors.too_large(f"the upload is larger than the limit of {new.max_size} bytes")
-        now = self.clock()
-        upload = await self.store.save(Upload(
-            id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
-            metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
-            updated=now, expires_after=new.expiration, digests=dict(new.digests),
-            previous=previous))
+        async with self._creating:
+            await self._check_room(new.owner)
+            now = self.clock()
+            upload = await self.store.save(Upload(
+                id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
+                metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
+                updated=now, expires_after=new.expiration, digests=dict(new.digests),
+                previous=previous))
         if key is not None:
             await self.store.link(key, upload.id)
         return upload
+
+    async def _check_room(self, owner: str) -> None:
+        """Refuse a creation the shim has no room for: too little disk (507), or a cap on
+        uploads in progress reached (429 + Retry-After), for this owner or for everyone."""
+        if self.min_free_bytes and await self.store.free_bytes() < self.min_free_bytes:
+            raise errors.insufficient_storage("the shim's disk is too full to take new uploads")
+        limits = self.limits
+        if limits.uploads_per_owner and \
+                await self.store.incomplete(owner) >= limits.uploads_per_owner:
+            raise errors.too_many(f"these credentials have {limits.uploads_per_owner} uploads "
+                                  "in progress already; finish or cancel one", limits.retry_after)
+        if limits.uploads_total and await self.store.incomplete() >= limits.uploads_total:
+            raise errors.too_many("the shim has as many uploads in progress as it takes",
+                                  limits.retry_after)
 
     async def find(self, key: str, owner: str) -> Upload | None:
         """The live upload last created under `key`, if any."""
@@ -126,7 +155,7 @@ class Engine:
         if upload is None:
             raise errors.not_found()
         if upload.owner != owner:
-            raise errors.forbidden("this upload was created with other credentials")
+            raise errors.not_found()  # the same answer as a missing one: no id leaks
         if upload.gone:
             raise errors.gone(f"the upload was {upload.state}")
         if await self._expired(upload):

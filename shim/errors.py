@@ -24,6 +24,11 @@ class ShimError(Exception):
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
+    @property
+    def fields(self) -> tuple[tuple[str, str], ...]:
+        """The details meant as response fields (capitalised keys, e.g. `Retry-After`)."""
+        return tuple((k, str(v)) for k, v in self.details.items() if k[0].isupper())
+
 
 def bad_request(message: str) -> ShimError:
     return ShimError("bad-request", message, 400)
@@ -65,3 +70,8 @@ def checksum_mismatch(algorithm: str) -> ShimError:
 
 def insufficient_storage(message: str) -> ShimError:
     return ShimError("insufficient-storage", message, 507)
+
+
+def too_many(message: str, retry_after: int) -> ShimError:
+    """A cap on uploads in progress was reached (RFC 6585 section 4)."""
+    return ShimError("too-many-uploads", message, 429, {"Retry-After": retry_after})

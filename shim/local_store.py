@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS expiry (upload_id TEXT PRIMARY KEY, at REAL NOT NULL)
 CREATE INDEX IF NOT EXISTS expiry_at ON expiry (at);
 CREATE TABLE IF NOT EXISTS outbox (upload_id TEXT PRIMARY KEY, due REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due);
+CREATE TABLE IF NOT EXISTS incomplete (upload_id TEXT PRIMARY KEY, owner TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS incomplete_owner ON incomplete (owner);
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
 """
 
@@ -123,6 +125,8 @@ class LocalStore:
         if upload.state in AWAITING_DELIVERY:
             sql.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)",
                         (upload.id, upload.next_attempt))
+        if _incomplete(upload):
+            sql.execute("INSERT OR REPLACE INTO incomplete VALUES (?, ?)", (upload.id, upload.owner))
 
     def _index_after(self, upload: Upload) -> None:
         """Entries the new record no longer needs, removed once it is written."""
@@ -131,6 +135,8 @@ class LocalStore:
             sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload.id,))
         if upload.state not in AWAITING_DELIVERY:
             sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload.id,))
+        if not _incomplete(upload):
+            sql.execute("DELETE FROM incomplete WHERE upload_id = ?", (upload.id,))
 
     async def remove(self, upload: Upload) -> None:
         def work() -> None:
@@ -152,6 +158,7 @@ class LocalStore:
         sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload_id,))
         sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload_id,))
         sql.execute("DELETE FROM links WHERE upload_id = ?", (upload_id,))
+        sql.execute("DELETE FROM incomplete WHERE upload_id = ?", (upload_id,))
 
     async def ids(self) -> list[str]:
         return await self._db(lambda: [key[len("upload:"):] for key in self._meta.iterkeys()
@@ -197,6 +204,17 @@ class LocalStore:
     async def due(self, now: float, limit: int = 100) -> list[str]:
         return await self._db(lambda: [str(row[0]) for row in self._sql().execute(
             "SELECT upload_id FROM outbox WHERE due <= ? ORDER BY due LIMIT ?", (now, limit))])
+
+    async def incomplete(self, owner: str | None = None) -> int:
+        def work() -> int:
+            if owner is None:
+                row = self._sql().execute("SELECT COUNT(*) FROM incomplete").fetchone()
+            else:
+                row = self._sql().execute("SELECT COUNT(*) FROM incomplete WHERE owner = ?",
+                                          (owner,)).fetchone()
+            return int(row[0])
+
+        return await self._db(work)
 
     async def next_due(self) -> float | None:
         def work() -> float | None:
@@ -308,6 +326,10 @@ class LocalStore:
 
     async def free_bytes(self) -> int:
         return (await asyncio.to_thread(shutil.disk_usage, self._data)).free
+
+
+def _incomplete(upload: Upload) -> bool:
+    return upload.state is State.RECEIVING and not upload.complete
 
 
 def _key(key: str) -> bytes:

@@ -133,6 +133,11 @@ class Store(Protocol):
     async def next_due(self) -> float | None:
         """When the earliest delivery in the outbox is due; None when it is empty."""
 
+    async def incomplete(self, owner: str | None = None) -> int:
+        """How many uploads are still receiving and short of their length (of `owner`, or
+        in all): what the caps on uploads in progress count. May over-count by the uploads
+        a failed write left behind, until the sweep forgets them."""
+
     # --- leases ---------------------------------------------------------------------------
 
     async def acquire(self, name: str, holder: str, ttl: float) -> bool:

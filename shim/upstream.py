@@ -17,13 +17,15 @@ from urllib.parse import urlsplit
 import h11
 
 from shim.model import Answer, HeaderList, Target
+from shim.targets import HOP_BY_HOP
 
 MAX_ANSWER_BODY = 1024 * 1024
 SEND_BUFFER = 256 * 1024
 """The kernel's send buffer for a delivery (SO_SNDBUF; Linux doubles it)."""
 """The legacy server's answer body is kept (and replayed) up to this size."""
 
-_MANAGED_HEADERS = {"host", "content-length", "transfer-encoding", "content-type", "connection"}
+_MANAGED_HEADERS = HOP_BY_HOP | {"content-type"}
+"""Fields the delivery sets itself; the target's own are dropped."""
 
 
 class UpstreamError(Exception):
@@ -81,6 +83,12 @@ class Framing:
         )
         tail = f"\r\n--{boundary}--\r\n"
         return cls(f"multipart/form-data; boundary={boundary}", head.encode(), tail.encode())
+
+
+def _wire(text: str) -> bytes:
+    """A field as it came from the client: mitmproxy decodes fields as UTF-8 with
+    surrogateescape, so this gives back the bytes received, obs-text included."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 # The WHATWG HTML form encoding's escapes for names and filenames in multipart/form-data.
@@ -169,13 +177,13 @@ class Upstream:
         return reader, writer
 
     def _headers(self, target: Target, framing: Framing, total: int,
-                 extra: HeaderList) -> list[tuple[str, str]]:
+                 extra: HeaderList) -> list[tuple[bytes, bytes]]:
         headers = [("Host", self.origin.authority), ("Content-Length", str(total))]
         if framing.content_type:
             headers.append(("Content-Type", framing.content_type))
         headers += [(k, v) for k, v in (*target.headers, *extra)
                     if k.lower() not in _MANAGED_HEADERS]
-        return headers
+        return [(_wire(k), _wire(v)) for k, v in headers]
 
     async def _put(self, writer: asyncio.StreamWriter, data: bytes | None) -> None:
         if data:

@@ -7,13 +7,6 @@ import re
 from dataclasses import dataclass
 
 from shim import errors
-from shim.model import HeaderList
-
-# RFC 9110 section 7.6.1 (Connection) and the framing fields the upstream code sets itself.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length", "expect",
-})
 
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
@@ -29,20 +22,6 @@ def parse_length(value: str, name: str) -> int:
 def path_allowed(path: str, prefixes: tuple[str, ...]) -> bool:
     """Whether `path` lies under one of the configured prefixes; none configured: every path."""
     return not prefixes or any(path.startswith(prefix) for prefix in prefixes)
-
-
-def forwardable(fields: HeaderList, protocol_prefixes: tuple[str, ...],
-                protocol_names: frozenset[str] = frozenset()) -> HeaderList:
-    """The request fields that may reach the legacy server: no hop-by-hop, no protocol field."""
-    kept = []
-    for name, value in fields:
-        lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in protocol_names:
-            continue
-        if lowered.startswith(protocol_prefixes):
-            continue
-        kept.append((name, value))
-    return tuple(kept)
 
 
 def http_date(timestamp: float) -> str:

@@ -126,6 +126,10 @@ class FaultyStore:
         self.calls["next_due"] += 1
         return await self.inner.next_due()
 
+    async def incomplete(self, owner: str | None = None) -> int:
+        self.calls["incomplete"] += 1
+        return await self.inner.incomplete(owner)
+
     # --- leases -------------------------------------------------------------------------------
 
     async def acquire(self, name: str, holder: str, ttl: float) -> bool:

@@ -96,7 +96,7 @@ def test_requests_no_protocol_claims_pass_through_untouched(tmp_path: Path) -> N
             f.request.data.port = 9  # where mitmproxy aims it: the eager sink connection
             await shim.requestheaders(f)
             await shim.request(f)
-            assert f.response is None and not f.request.stream
+            assert f.response is None and f.request.stream is True  # streamed through, not buffered
             assert (f.request.host, f.request.port, f.request.path) == ("127.0.0.1", 1, "/files")
             assert f.request.host_header == "127.0.0.1:1"  # as mitmproxy's reverse mode does
             assert f.request.headers["Content-Type"] == "text/plain"

@@ -72,7 +72,8 @@ LEAKED_NAMES = ("content-range", "content-digest", "repr-digest", "want-repr-dig
 VERSIONS = (3, 5, 6, 7, 8)
 APPEND_STATUS = {3: 201, 5: 201, 6: 201, 7: 204, 8: 204}
 """A non-final PATCH: 201 up to draft -05 (interop 6), a 204 (the drafts' example) from -06."""
-LIMIT = {3: None, 5: None, 6: "expires=86400", 7: "max-age=86400", 8: "max-age=86400"}
+LIMIT = {3: None, 5: None, 6: "max-size=10737418240, expires=86400",
+         7: "max-size=10737418240, max-age=86400", 8: "max-size=10737418240, max-age=86400"}
 """Upload-Limit with the default config (no max size, 1 day): from -04, key renamed in -06."""
 
 LEFT_MID_BODY = r"client left mid-body; upload {id} keeps (\d+) bytes"

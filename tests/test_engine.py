@@ -1077,20 +1077,22 @@ def test_a_second_final_upload_of_the_same_parts_is_delivered_to_its_own_target(
 
 
 def test_only_the_owner_may_touch_an_upload(tmp_path: Path) -> None:
-    """Another owner gets 403 for an upload, cannot find it by its key, and cannot use it as
-    a part; an unknown id is 404."""
+    """Another owner gets exactly what an unknown id gets (404: no id leaks), cannot find it
+    by its key, and cannot use it as a part."""
 
     async def scenario() -> None:
         async with rig(tmp_path, NOWHERE) as r:
             upload = await r.engine.create(new(3, owner="alice"), key="PUT /x")
-            assert (await refusal(r.engine.get(upload.id, "mallory"))).status == 403
-            assert (await refusal(r.engine.get("nonexistent", "alice"))).status == 404
+            stranger = await refusal(r.engine.get(upload.id, "mallory"))
+            missing = await refusal(r.engine.get("nonexistent", "alice"))
+            assert (stranger.status, stranger.message) == (missing.status, missing.message) \
+                == (404, "no such upload")
             assert await r.engine.find("PUT /x", "alice") == upload
             assert await r.engine.find("PUT /x", "mallory") is None
             assert await r.engine.find("PUT /y", "alice") is None
             part = await r.engine.create(new(3, owner="alice", target=False))
             stolen = new(None, owner="mallory", parts=(part.id,))
-            assert (await refusal(r.engine.concatenate(stolen))).status == 403
+            assert (await refusal(r.engine.concatenate(stolen))).status == 404
 
     asyncio.run(scenario())
 

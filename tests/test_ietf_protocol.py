@@ -198,7 +198,8 @@ def test_a_repr_digest_mismatch_is_a_400_problem_and_no_answer() -> None:
 
 
 def test_options_advertise_limits_and_accept_patch_from_interop_8() -> None:
-    for v, accept, limit in ((6, False, "expires=86400"), (8, True, "max-age=86400")):
+    for v, accept, limit in ((6, False, "max-size=10737418240, expires=86400"),
+                             (8, True, "max-size=10737418240, max-age=86400")):
         command = proto().parse(req("OPTIONS", "/api/files", version(v)), "")
         assert isinstance(command, c.Immediate)
         headers = dict(command.reply.headers)

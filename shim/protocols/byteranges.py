@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 
 from shim import commands as c
-from shim import errors
+from shim import errors, targets
 from shim.config import ByterangesConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
-from shim.model import Reply, Request, Target
+from shim.model import Reply, Request
 from shim.protocols import replies
-from shim.wire import ContentRange, forwardable, parse_content_range, path_allowed
+from shim.wire import ContentRange, parse_content_range, path_allowed
 
 MAX_HEADER_BLOCK = 16 * 1024
 _BOUNDARY = re.compile(r'boundary="?([^";]{1,70})"?', re.IGNORECASE)
@@ -52,16 +52,20 @@ class Byteranges:
             decoder = _decoder(media_type, request.header("content-type") or "")
         except ShimError as exc:
             return c.Refuse(exc)
-        headers = forwardable(request.fields, (), frozenset({"content-type", "if-none-match"}))
+        try:
+            target = targets.target("PUT", request.target, request.fields,
+                                    protocol_names=frozenset({"if-none-match"}))
+        except ShimError as exc:
+            return c.Refuse(exc)
         new = NewUpload(id=new_upload_id(), protocol=self.name, owner=owner, length=None,
-                        metadata={}, target=Target("PUT", request.target, headers),
+                        metadata={}, target=target,
                         max_size=self.config.max_size, expiration=self.config.expiration)
         return c.WriteSegments(owner, new, key, decoder, max_size=self.config.max_size,
                                if_none_match=(request.header("if-none-match") or "").strip() == "*")
 
     def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
         if outcome.error is not None:
-            return replies.text(outcome.error.status, outcome.error.message)
+            return replies.refusal(outcome.error)
         if outcome.upload is None:
             return Reply(202)
         if isinstance(command, c.Inspect):

@@ -12,13 +12,13 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode
 
 from shim import commands as c
-from shim import errors
+from shim import errors, targets
 from shim.config import ContentRangeConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Target
 from shim.protocols import replies
-from shim.wire import ContentRange, format_range, forwardable, parse_content_range, parse_length, path_allowed
+from shim.wire import ContentRange, format_range, parse_content_range, parse_length, path_allowed
 
 RESUME_INCOMPLETE = "Resume Incomplete"
 SESSION_PARAM = "upload_id"
@@ -143,11 +143,10 @@ def _chunk(request: Request, range_field: str) -> ContentRange:
 
 def _target(request: Request, method: str, path: str | None = None,
             content_type: str | None = None) -> Target:
-    headers = forwardable(request.fields, ("x-goog-", "x-guploader-"), _PROTOCOL_FIELDS)
-    content_type = content_type or request.header("content-type")
-    headers = tuple((k, v) for k, v in headers if k.lower() != "content-type")
-    return Target(method=method, path=path or request.target, headers=headers,
-                  content_type=content_type)
+    return targets.target(method, path or request.target, request.fields,
+                          protocol_prefixes=("x-goog-", "x-guploader-"),
+                          protocol_names=_PROTOCOL_FIELDS,
+                          content_type=content_type or request.header("content-type"))
 
 
 def _with_query(path: str, params: list[tuple[str, str]]) -> str:
@@ -164,13 +163,10 @@ def _resume_incomplete(stored: int) -> Reply:
 def _error(error: ShimError, stored: int) -> Reply:
     # A session that was cancelled, failed or expired is simply unknown, as at Google (404).
     status = 404 if error.code == "gone" else error.status
-    reply = _text(status, error.message)
+    reply = replies.text(status, error.message, error.fields)
     if error.code == "gap":
         stored_range = format_range(stored)
         extra = (("Range", stored_range),) if stored_range else ()
         return Reply(reply.status, (*reply.headers, *extra), reply.body)
     return reply
 
-
-def _text(status: int, message: str) -> Reply:
-    return replies.text(status, message)

@@ -29,7 +29,7 @@ class Guard:
     def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
         error = outcome.error
         assert error is not None
-        return replies.text(error.status, error.message)
+        return replies.refusal(error)
 
 
 def _partial(request: Request) -> str | None:

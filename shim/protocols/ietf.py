@@ -19,13 +19,13 @@ from http_sfv.dictionary import Dictionary
 from http_sfv.item import Item
 
 from shim import commands as c
-from shim import errors
+from shim import errors, targets
 from shim.config import IetfConfig
 from shim.engine import Checksum, NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Answer, Reply, Request, Target, Upload
 from shim.protocols import replies
-from shim.wire import forwardable, path_allowed
+from shim.wire import path_allowed
 
 PARTIAL_UPLOAD = "application/partial-upload"
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
@@ -285,8 +285,9 @@ def _target(request: Request) -> Target:
     media_type = request.header("content-type")
     if media_type is not None and media_type.split(";")[0].strip().lower() == PARTIAL_UPLOAD:
         media_type = None  # tus-js-client's ietf-draft-05 mode labels the creation body so
-    headers = forwardable(request.fields, ("upload-",), _PROTOCOL_FIELDS | {"content-type"})
-    return Target(request.method, request.target, headers, content_type=media_type)
+    return targets.target(request.method, request.target, request.fields,
+                          protocol_prefixes=("upload-",), protocol_names=_PROTOCOL_FIELDS,
+                          content_type=media_type)
 
 
 def _repr_digests(request: Request) -> dict[str, str]:
@@ -377,7 +378,8 @@ def _problem(error: ShimError, interop: Interop, base: list[tuple[str, str]],
     elif appending and interop.final_complete:
         extra.append(interop.completeness(False))  # -06..-09: "any response, successful or not"
     details = {k: v for k, v in error.details.items() if not k[0].isupper()}
-    return _problem_reply(status, kind, error.message, interop, base + extra, details)
+    return _problem_reply(status, kind, error.message, interop, [*base, *extra, *error.fields],
+                          details)
 
 
 def _problem_reply(status: int, kind: str, detail: str, interop: Interop,

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from shim.errors import ShimError
 from shim.model import Answer, HeaderList, Reply
+from shim.targets import connection_fields
 
 if TYPE_CHECKING:
     from shim.commands import Outcome
-
-_HOP_BY_HOP = ("connection", "keep-alive", "transfer-encoding", "content-length")
-
 
 def legacy(answer: Answer, extra: HeaderList = (), status: int | None = None,
            reason: str | None = None) -> Reply:
     """The legacy server's own answer (status, headers, body) as the client's answer, with
     the protocol's own fields added; framing fields are mitmproxy's to set."""
-    headers = tuple((k, v) for k, v in answer.headers if k.lower() not in _HOP_BY_HOP)
+    hop_by_hop = connection_fields(answer.headers)
+    headers = tuple((k, v) for k, v in answer.headers if k.lower() not in hop_by_hop)
     return Reply(status or answer.status, (*headers, *extra), answer.body, reason or answer.reason)
+
+
+def refusal(error: ShimError, extra: HeaderList = ()) -> Reply:
+    """A refusal as plain text, with the fields the error carries (Retry-After, ...)."""
+    return text(error.status, error.message, (*error.fields, *extra))
 
 
 def text(status: int, message: str, extra: HeaderList = (), reason: str | None = None) -> Reply:

@@ -15,12 +15,13 @@ from __future__ import annotations
 from urllib.parse import parse_qsl
 
 from shim import commands as c
+from shim import targets
 from shim.config import Seed001Config
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
-from shim.model import Reply, Request, Target
+from shim.model import Reply, Request
 from shim.protocols import replies
-from shim.wire import ContentRange, format_range, forwardable, parse_content_range, path_allowed
+from shim.wire import ContentRange, format_range, parse_content_range, path_allowed
 
 RANGE_PARAM = "range"
 
@@ -56,8 +57,8 @@ class Seed001:
         if chunk.start is not None and request.body_length not in (None, chunk.size):
             raise ShimError("bad-request", f"the range announces {chunk.size} bytes, the body "
                             f"has {request.body_length}", 400)
-        headers = forwardable(request.fields, (), frozenset({"range", "content-type"}))
-        target = Target("PUT", url, headers, content_type=request.header("content-type"))
+        target = targets.target("PUT", url, request.fields, protocol_names=frozenset({"range"}),
+                                content_type=request.header("content-type"))
         new = NewUpload(id=new_upload_id(), protocol=self.name, owner=owner, length=chunk.total,
                         metadata={}, target=target, max_size=self.config.max_size,
                         expiration=self.config.expiration)
@@ -69,7 +70,7 @@ class Seed001:
         stored_range = format_range(outcome.offset if outcome.error is None else stored)
         range_field = (("Range", stored_range),) if stored_range else ()
         if outcome.error is not None:
-            return replies.text(outcome.error.status, outcome.error.message, range_field)
+            return replies.refusal(outcome.error, range_field)
         return replies.final(outcome) or Reply(202, range_field)
 
 

@@ -11,16 +11,15 @@ import base64
 import binascii
 import hashlib
 import re
-import string
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from shim import commands as c
-from shim import errors
+from shim import errors, targets
 from shim.config import TusConfig
 from shim.engine import CHECKSUM_ALGORITHMS, Checksum, NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import HeaderList, Reply, Request, Target, Upload
-from shim.wire import forwardable, http_date, parse_length
+from shim.wire import http_date, parse_length
 
 VERSION = "1.0.0"
 EXTENSIONS = (
@@ -104,20 +103,13 @@ class Tus:
     def target(self, request: Request, upload_id: str, metadata: dict[str, str]) -> Target:
         """The delivery request (tus.forward.*) with the creating request's own headers."""
         forward = self.config.forward
-        values = {key: quote(value, safe="") for key, value in metadata.items()}
-        values.setdefault("id", upload_id)
-        try:
-            path = string.Formatter().vformat(forward.path, (), _Template(values))
-        except KeyError as exc:
-            raise errors.bad_request(
-                f"Upload-Metadata must carry {exc.args[0]!r}: tus.forward.path needs it") from exc
-        headers = forwardable(request.fields, ("tus-", "upload-", "x-http-method-override"),
-                              frozenset({"content-type", "content-range"}))
-        return Target(
-            method=forward.method, path=path, headers=headers, body=forward.body,
-            field=forward.field, filename=metadata.get("filename") or metadata.get("name"),
+        return targets.target(
+            forward.method, targets.template_path(forward.path, upload_id, metadata),
+            request.fields, protocol_prefixes=("tus-", "upload-"),
+            protocol_names=frozenset({"content-range", "x-http-method-override"}),
             content_type=metadata.get("filetype") or metadata.get("contentType"),
-        )
+            content_type_name="the filetype metadata", body=forward.body, field=forward.field,
+            filename=metadata.get("filename") or metadata.get("name"))
 
     def _parse_final(self, value: str) -> tuple[str, ...]:
         """`final;<url> <url>`: the partial uploads' URLs, absolute or relative."""
@@ -194,11 +186,6 @@ class Tus:
         if self.config.max_size:
             headers.append(("Tus-Max-Size", str(self.config.max_size)))
         return _reply(204, headers)
-
-
-class _Template(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        raise KeyError(key)
 
 
 def _speaks_tus(request: Request, upload_id: str) -> bool:
@@ -349,7 +336,7 @@ def _delivery_failed(outcome: c.Outcome, progress: list[tuple[str, str]]) -> Rep
 
 
 def _error_reply(error: ShimError, location: str | None) -> Reply:
-    headers = [(k, str(v)) for k, v in error.details.items() if k[0].isupper()]
+    headers = list(error.fields)
     if error.code == "checksum-mismatch":
         return _reply(460, headers, f"{error.message}\n".encode(), reason="Checksum Mismatch")
     return _reply(error.status, headers, f"{error.message}\n".encode())

@@ -8,14 +8,14 @@ reached, ONE `PUT <url>` goes to the legacy server and its answer is the answer.
 from __future__ import annotations
 
 from shim import commands as c
-from shim import errors
+from shim import errors, targets
 from shim.config import TusTargetConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
-from shim.model import Reply, Request, Target, Upload
+from shim.model import Reply, Request, Upload
 from shim.protocols import replies
 from shim.protocols.tus import VERSION, check_chunk_type, check_version, parse_checksum
-from shim.wire import forwardable, parse_length, path_allowed
+from shim.wire import parse_length, path_allowed
 
 
 class TusTarget:
@@ -62,8 +62,10 @@ class TusTarget:
             raise errors.bad_request("a chunked PUT needs Upload-Length")
         if self.config.max_size and length > self.config.max_size:
             raise errors.too_large(f"{length} bytes is more than the limit of {self.config.max_size}")
-        headers = forwardable(request.fields, ("tus-", "upload-"), frozenset({"content-type"}))
-        target = Target("PUT", request.target, headers, content_type=request.header("content-type"))
+        target = targets.target("PUT", request.target, request.fields,
+                                protocol_prefixes=("tus-", "upload-"),
+                                protocol_names=frozenset({"content-range", "x-http-method-override"}),
+                                content_type=request.header("content-type"))
         new = NewUpload(id=new_upload_id(), protocol=self.name, owner=owner, length=length,
                         metadata={}, target=target, max_size=self.config.max_size,
                         expiration=self.config.expiration)
@@ -73,7 +75,7 @@ class TusTarget:
     def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
         base = [("Tus-Resumable", VERSION)]
         if outcome.error is not None:
-            return replies.text(outcome.error.status, outcome.error.message, tuple(base))
+            return replies.refusal(outcome.error, tuple(base))
         upload = outcome.upload
         if isinstance(command, c.Cancel) or upload is None:
             return Reply(204, tuple(base))

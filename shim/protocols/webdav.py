@@ -20,13 +20,13 @@ import defusedxml.ElementTree as safe_xml
 from defusedxml import DefusedXmlException
 
 from shim import commands as c
-from shim import errors
+from shim import errors, targets
 from shim.config import WebdavConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
-from shim.model import Reply, Request, Target, Upload
+from shim.model import Reply, Request, Upload
 from shim.protocols import replies
-from shim.wire import forwardable, http_date, parse_content_range, path_allowed
+from shim.wire import http_date, parse_content_range, path_allowed
 
 ITHIT = "ithit"
 MAX_REPORT_BODY = 64 * 1024
@@ -69,8 +69,9 @@ class Webdav:
             if chunk.start is None or (request.body_length not in (None, chunk.size)):
                 raise errors.bad_request("Content-Range must name the bytes this PUT carries")
             start, total, restart = chunk.start, chunk.total, False
-        headers = forwardable(request.fields, (), frozenset({"content-range", "content-type"}))
-        target = Target("PUT", request.target, headers, content_type=request.header("content-type"))
+        target = targets.target("PUT", request.target, request.fields,
+                                protocol_names=frozenset({"content-range"}),
+                                content_type=request.header("content-type"))
         new = NewUpload(id=new_upload_id(), protocol=self.name, owner=owner, length=total,
                         metadata={}, target=target, max_size=self.config.max_size,
                         expiration=self.config.expiration)
@@ -90,7 +91,7 @@ class Webdav:
 
     def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
         if outcome.error is not None:
-            return replies.text(outcome.error.status, outcome.error.message)
+            return replies.refusal(outcome.error)
         if isinstance(command, c.Report):
             prefix = len(self._key(command.owner, ""))
             return _multistatus([(key[prefix:], upload) for key, upload in outcome.listing])

@@ -1,0 +1,105 @@
+"""The one constructor for delivery targets, used by every protocol.
+
+What reaches the legacy server is the operator's choice, not the client's: the path comes
+from the request's own URL or the operator's template (`{id}` is always the shim's id, every
+other value percent-encoded and never a dot segment), and the forwarded fields are the
+creating request's own, checked once, at creation, so an upload that was accepted can be
+delivered. Every check raises `ShimError` (400) naming what is wrong, before anything is
+stored.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Literal
+from urllib.parse import quote, unquote
+
+from shim import errors
+from shim.model import HeaderList, Target
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length", "expect",
+})
+"""Fields that belong to one connection (RFC 9110 section 7.6.1) or to the framing the shim
+sets itself: never copied from one message to another. The project's only such list."""
+
+_FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""RFC 9110 section 5.5: a field value is VCHAR, SP, HTAB and obs-text; any other control
+character (CR, LF and NUL among them) cannot be sent on."""
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*"'
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*")
+"""RFC 9110 section 8.3.1: `type "/" subtype *( OWS ";" OWS parameter )`."""
+_DOT_SEGMENTS = frozenset({"", ".", ".."})
+
+
+def connection_fields(fields: HeaderList) -> frozenset[str]:
+    """The hop-by-hop fields of one message: the fixed ones and those its `Connection`
+    names (RFC 9110 section 7.6.1)."""
+    named = {token.strip().lower() for name, value in fields if name.lower() == "connection"
+             for token in value.split(",")}
+    return HOP_BY_HOP | named
+
+
+def forwarded_fields(fields: HeaderList, protocol_prefixes: tuple[str, ...] = (),
+                     protocol_names: frozenset[str] = frozenset()) -> HeaderList:
+    """The creating request's fields the legacy server gets: no hop-by-hop field, no field
+    of the protocol; a value that is not a valid field value refuses the creation (400).
+    Values are kept as received (obs-text included: `shim.upstream` writes them back byte
+    for byte)."""
+    dropped = connection_fields(fields) | protocol_names
+    kept = []
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered in dropped or lowered.startswith(protocol_prefixes):
+            continue
+        if _FIELD_VALUE_BAD.search(value):
+            raise errors.bad_request(f"the value of {name} has a control character; "
+                                     "it cannot be forwarded")
+        kept.append((name, value))
+    return tuple(kept)
+
+
+def media_type(value: str | None, name: str) -> str | None:
+    """A Content-Type for the delivery, or None; anything else than a media type is 400."""
+    if value is None or not value.strip():
+        return None
+    if not _MEDIA_TYPE.fullmatch(value.strip()):
+        raise errors.bad_request(f"{name} must be a media type such as 'image/png', "
+                                 f"not {value!r}")
+    return value.strip()
+
+
+def template_path(template: str, upload_id: str, values: dict[str, str]) -> str:
+    """The operator's path template filled in: `{id}` is the shim's id whatever the client
+    sent; every other placeholder is a client value, percent-encoded whole (no `/`), and
+    refused when empty, `.` or `..` before or after decoding (RFC 3986 section 5.2.4 would
+    make those climb the operator's path)."""
+    filled: dict[str, str] = {}
+    for _, name, _, _ in string.Formatter().parse(template):
+        if not name or name in filled:
+            continue
+        if name == "id":
+            filled[name] = upload_id
+            continue
+        if name not in values:
+            raise errors.bad_request(
+                f"Upload-Metadata must carry {name!r}: the delivery path needs it")
+        value = values[name]
+        if value in _DOT_SEGMENTS or unquote(value) in _DOT_SEGMENTS:
+            raise errors.bad_request(f"the value of {name!r} cannot name a file: {value!r}")
+        filled[name] = quote(value, safe="")
+    return template.format_map(filled)
+
+
+def target(method: str, path: str, fields: HeaderList, *,
+           protocol_prefixes: tuple[str, ...] = (), protocol_names: frozenset[str] = frozenset(),
+           content_type: str | None = None, content_type_name: str = "Content-Type",
+           body: Literal["raw", "multipart"] = "raw", field: str = "file",
+           filename: str | None = None) -> Target:
+    """The ONE request a finished file goes out as, checked now so that it can be sent."""
+    headers = forwarded_fields(fields, protocol_prefixes, protocol_names | {"content-type"})
+    return Target(method=method, path=path, headers=headers, body=body, field=field,
+                  filename=filename, content_type=media_type(content_type, content_type_name))
