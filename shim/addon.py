@@ -31,7 +31,7 @@ from shim.local_store import LocalStore
 from shim.mitm import close_client, send_interim
 from shim.model import Reply, Request
 from shim.outbox import DeliveryPolicy, Outbox
-from shim.protocols import Protocol
+from shim.protocols import Protocol, guard
 from shim.protocols.byteranges import Byteranges
 from shim.protocols.content_range import ContentRangeProtocol
 from shim.protocols.guard import Guard
@@ -221,9 +221,11 @@ class Shim:
             command = protocol.parse(request, owner)
             if command is None:
                 continue
-            if not host_ok and not isinstance(command, Forward | NeedBody):
-                command = Refuse(errors.bad_request(
-                    "the Host field is not a valid host[:port]; nothing was stored"))
+            if not isinstance(command, Forward | NeedBody | Refuse):
+                refusal = guard.foreign(request, protocol.understands) or (None if host_ok else
+                    errors.bad_request("the Host field is not a valid host[:port]; nothing "
+                                       "was stored"))
+                command = Refuse(refusal) if refusal is not None else command
             exchange = Exchange(self.engine, protocol, request, command)
             if request.has_body and not isinstance(command, Forward | NeedBody):
                 exchange.start(partial(close_client, flow, "a newer request took over"),
@@ -352,7 +354,7 @@ def _protocols(config: shim_config.Config) -> list[Protocol]:
         enabled.append(ContentRangeProtocol(config.content_range))
     if config.byteranges.enabled:
         enabled.append(Byteranges(config.byteranges))
-    enabled.append(Guard())
+    enabled.append(Guard(config.guard.pass_through))
     return enabled
 
 

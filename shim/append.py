@@ -57,9 +57,18 @@ class Append:
         """Only compare the body with the stored bytes (see Engine.begin_check)."""
         self.digests: dict[str, str] = dict(upload.digests)
         """Digests of the whole file to save once this body is accepted (RFC 9530)."""
+        self.expected: int | None = None
+        """The body's size by its headers (a Content-Range), when they say; see `ended_short`."""
+        self.received = 0
+        """Body bytes fed so far, compared ones included."""
 
     def feed(self, data: bytes) -> None:
         if self.failure is not None or not data or self.ended:
+            return
+        self.received += len(data)
+        if self.expected is not None and self.received > self.expected:
+            self.failure = errors.bad_request(f"the body is longer than the {self.expected} "
+                                              "bytes its headers announced")
             return
         if self.rewinding is not None and not self.rewinding.done():
             self.held.append(data)  # until the new file's start is on record
@@ -128,6 +137,13 @@ class Append:
                                      "bytes stored", 416)
         else:
             self.compare = self.writer.position - start
+
+    def check_size(self) -> None:
+        """The body ended: one shorter than its headers announced is refused like a longer
+        one (a chunked body's end is its own; nothing framed it to the range)."""
+        if self.failure is None and self.expected is not None and self.received != self.expected:
+            self.failure = errors.bad_request(f"the body has {self.received} bytes; its "
+                                              f"headers announced {self.expected}")
 
     @property
     def all_or_nothing(self) -> bool:

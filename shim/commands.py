@@ -116,6 +116,9 @@ class WriteRange:
     start: int | None = None
     total: int | None = None
     max_size: int = 0
+    size: int | None = None
+    """The bytes the body carries by its range (`Content-Range: bytes S-E/..` is E-S+1): a
+    body that turns out longer or shorter is refused (400) and nothing of it is kept."""
     restart: bool = False
     """A whole file from 0 (WebDAV, tus on the target URL): a new upload replaces one in
     progress under the same key instead of continuing it."""

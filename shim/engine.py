@@ -224,32 +224,31 @@ class Engine:
 
     async def declare_length(self, upload: Upload, length: int, max_size: int) -> Upload:
         """Fix a deferred length (tus creation-defer-length; IETF Upload-Length)."""
-        if upload.length is not None:
-            if upload.length != length:
-                raise ShimError("inconsistent-length",
-                                f"the upload's length is {upload.length}, not {length}", 400)
-            return upload
-        if length < upload.offset:
-            raise errors.bad_request(f"length {length} is less than the {upload.offset} bytes stored")
-        if max_size and length > max_size:
-            raise errors.too_large(f"the upload is larger than the limit of {max_size} bytes")
-        return await self.change(upload, length=length)
+        check_length(upload, length, max_size)
+        return upload if upload.length is not None else await self.change(upload, length=length)
 
     # --- writing --------------------------------------------------------------------------
 
     async def begin_append(self, upload: Upload, offset: int, body_length: int | None,
                            checksum: Checksum | None = None, max_size: int = 0,
-                           digests: dict[str, str] | None = None) -> Append:
-        """Check an append before its body arrives, take the write lease, open the file."""
+                           digests: dict[str, str] | None = None,
+                           declared_length: int | None = None) -> Append:
+        """Check an append before its body arrives, take the write lease, open the file.
+        A length it declares (tus creation-defer-length) is fixed only once every check
+        passed: a refused request changes nothing."""
         self._refuse_if_busy(upload)
         if offset != upload.offset:
             raise errors.offset_mismatch(upload.offset, offset)
         if not upload.receiving or upload.parts:
             raise ShimError("completed", "the upload is already complete", 403)
-        return await self._open(upload, upload.offset, body_length, checksum, max_size, digests)
+        if declared_length is not None:
+            check_length(upload, declared_length, max_size)
+        append = await self._open(upload, upload.offset, body_length, checksum, max_size,
+                                  digests, declared_length)
+        return append
 
     async def begin_range(self, upload: Upload, start: int, body_length: int | None,
-                          max_size: int = 0) -> Append:
+                          max_size: int = 0, declared_length: int | None = None) -> Append:
         """Write a body that starts at `start`, at or before the stored end: the stored bytes
         it overlaps are compared as they arrive (equal: skipped; different: a new file when
         `start` is 0, else 409); a start past the end would leave a gap and is refused
@@ -260,9 +259,12 @@ class Engine:
                             f"before {upload.offset}, not at {start}", 416)
         if not upload.receiving:
             raise ShimError("completed", "the upload is already complete", 403)
+        if declared_length is not None:
+            check_length(upload, declared_length, max_size)
         overlap = upload.offset - start
         remaining = None if body_length is None else max(0, body_length - overlap)
-        append = await self._open(upload, upload.offset, remaining, None, max_size, None)
+        append = await self._open(upload, upload.offset, remaining, None, max_size, None,
+                                  declared_length)
         append.compare = overlap
         append.replaces = start == 0
         append.on_rewind = partial(self._mark_new_file, append)
@@ -296,8 +298,10 @@ class Engine:
 
     async def _open(self, upload: Upload, offset: int, body_length: int | None,
                     checksum: Checksum | None, max_size: int,
-                    digests: dict[str, str] | None) -> Append:
-        room = upload.length - offset if upload.length is not None else None
+                    digests: dict[str, str] | None, declared_length: int | None = None
+                    ) -> Append:
+        length = upload.length if upload.length is not None else declared_length
+        room = length - offset if length is not None else None
         if room is None and max_size:
             room = max_size - offset
         if room is not None and body_length is not None and body_length > room:
@@ -309,6 +313,8 @@ class Engine:
         if not await self.store.acquire(f"write:{upload.id}", holder, WRITE_LEASE_TTL):
             raise errors.locked()
         try:
+            if declared_length is not None and upload.length is None:
+                upload = await self._change_receiving(upload, length=declared_length)
             if checksum is not None:
                 upload = await self.change(upload, unverified_from=offset)
             writer = await self.store.open_writer(upload.id, offset)
@@ -322,6 +328,7 @@ class Engine:
 
     async def finish_append(self, append: Append) -> Upload:
         """The body ended: verify it, make it durable, commit the new offset."""
+        append.check_size()
         failure = append.failure
         if failure is None and append.checksum is not None:
             assert append.hasher is not None
@@ -646,6 +653,20 @@ class Engine:
             upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
         await self.store.remove(upload)
         self._tickets.pop(upload.id, None)
+
+
+def check_length(upload: Upload, length: int, max_size: int) -> None:
+    """Whether `length` may be the upload's length: the one it has, or, while deferred, at
+    least what is stored and within `max_size`."""
+    if upload.length is not None:
+        if upload.length != length:
+            raise ShimError("inconsistent-length",
+                            f"the upload's length is {upload.length}, not {length}", 400)
+        return
+    if length < upload.offset:
+        raise errors.bad_request(f"length {length} is less than the {upload.offset} bytes stored")
+    if max_size and length > max_size:
+        raise errors.too_large(f"the upload is larger than the limit of {max_size} bytes")
 
 
 def _still_complete(upload: Upload) -> dict[str, Any]:

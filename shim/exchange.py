@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from shim import commands as c
 from shim import engine as e
 from shim import errors
+from shim.engine import check_length
 from shim.errors import ShimError
 from shim.lifecycle import State
 from shim.model import Reply, Request, Upload
@@ -195,17 +196,16 @@ class Exchange:
             await self._begin_segments(command)
 
     async def _begin_append(self, command: c.Append) -> None:
-        upload = await _required(self.engine, command)
+        upload = self.upload = await _required(self.engine, command)
         digests = await self.engine.expect_digests(upload, command.digests)
-        if command.declared_length is not None:
-            upload = await self.engine.declare_length(upload, command.declared_length,
-                                                      command.max_size)
-        self.upload = upload
         if upload.complete and not self.request.has_body and command.offset == upload.offset:
+            if command.declared_length is not None:
+                check_length(upload, command.declared_length, command.max_size)
             return  # a retried final request: finish() reports the delivery's outcome
         self.append = await self.engine.begin_append(
             upload, command.offset, self.request.body_length, command.checksum,
-            command.max_size, digests)
+            command.max_size, digests, command.declared_length)
+        self.upload = self.append.upload
 
     async def _begin_segments(self, command: c.WriteSegments) -> None:
         found = await _lookup(self.engine, command)
@@ -250,12 +250,16 @@ class Exchange:
                 self.append = await self.engine.begin_check(upload, command.start,
                                                             self.request.body_length)
             return
-        if command.total is not None:
-            upload = await self.engine.declare_length(upload, command.total, command.max_size)
         self.upload = upload
-        if command.start is not None:
-            self.append = await self.engine.begin_range(
-                upload, command.start, self.request.body_length, command.max_size)
+        if command.start is None:
+            if command.total is not None:  # an inquiry that names the total fixes it
+                self.upload = await self.engine.declare_length(upload, command.total,
+                                                               command.max_size)
+            return
+        self.append = await self.engine.begin_range(
+            upload, command.start, self.request.body_length, command.max_size, command.total)
+        self.append.expected = command.size
+        self.upload = self.append.upload
 
     async def _range_upload(self, command: c.WriteRange) -> Upload | None:
         """The upload a range belongs to; a new one only for a range that starts at 0."""

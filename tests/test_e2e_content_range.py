@@ -809,30 +809,45 @@ def _chunk_head(target: str, start: int, length: int, total: int) -> bytes:
 def test_paths_restrict_which_urls_are_resumable(
     shim: ShimLauncher, legacy: WholeFileServer, payload: PayloadFactory
 ) -> None:
-    """content_range.paths: [/api/upload]: a Content-Range PUT elsewhere reaches the legacy
-    server untouched (which refuses it itself); under /api/upload it is spooled (308); a plain
-    PUT there passes through."""
+    """content_range.paths: [/api/upload]: a Content-Range PUT elsewhere is refused by the
+    shim (400 naming the field) and never reaches the legacy server as a partial file; under
+    /api/upload it is spooled (308); a plain PUT there passes through."""
     proc = shim({"content_range": {"paths": ["/api/upload"]}})
     data = payload(2000).read_bytes()
 
     elsewhere = put_chunk(f"{proc.url}/other/x", data[:1000], 0, 2000)
     assert elsewhere.status_code == 400, show(elsewhere)
-    assert elsewhere.text == "resumable uploads are not supported: Content-Range\n"  # the legacy's own
-    assert elsewhere.headers.get("Server", "").startswith("WholeFileServer"), show(elsewhere)
-    [passed] = legacy.received
-    assert (passed.method, passed.path, passed.status, passed.size) == ("PUT", "/other/x", 400, 1000)
-    assert passed.header("Content-Range") == "bytes 0-999/2000"
+    assert "Content-Range" in elsewhere.text and "nothing was forwarded" in elsewhere.text
+    assert not elsewhere.headers.get("Server", "").startswith("WholeFileServer"), show(elsewhere)
+    assert legacy.received == []
+    assert_resume_incomplete(put_chunk(f"{proc.url}/api/upload?file=0", data[:1000], 0, 2000), 1000)
 
     for spooled_url in (f"{proc.url}/api/upload?file=a", f"{proc.url}/api/upload/sub?x=1"):
         assert_resume_incomplete(put_chunk(spooled_url, data[:1000], 0, 2000), 1000)
-    assert len(legacy.received) == 1
+    assert legacy.received == []
 
     plain = requests.put(f"{proc.url}/api/upload/plain.bin", data=data, timeout=HTTP_TIMEOUT)
     assert plain.status_code == 201, show(plain)
     assert legacy_json(plain.content)["sha256"] == legacy.received[-1].sha256
-    assert [(r.method, r.path, r.status, r.size) for r in legacy.received[1:]] == [
+    assert [(r.method, r.path, r.status, r.size) for r in legacy.received] == [
         ("PUT", "/api/upload/plain.bin", 201, 2000)
     ]
+
+
+def test_guard_pass_through_forwards_content_range_outside_the_paths(
+    shim: ShimLauncher, legacy: WholeFileServer, payload: PayloadFactory
+) -> None:
+    """guard.pass_through: true, for a legacy server that speaks Content-Range itself: a
+    Content-Range PUT outside content_range.paths reaches it untouched (this one refuses it
+    itself)."""
+    proc = shim({"content_range": {"paths": ["/api/upload"]}, "guard": {"pass_through": True}})
+    data = payload(2000).read_bytes()
+    elsewhere = put_chunk(f"{proc.url}/other/x", data[:1000], 0, 2000)
+    assert elsewhere.status_code == 400, show(elsewhere)
+    assert elsewhere.text == "resumable uploads are not supported: Content-Range\n"  # the legacy's own
+    [passed] = legacy.received
+    assert (passed.method, passed.path, passed.status, passed.size) == ("PUT", "/other/x", 400, 1000)
+    assert passed.header("Content-Range") == "bytes 0-999/2000"
 
 
 def test_upload_id_parameter_outside_the_paths_passes_through(

@@ -926,25 +926,24 @@ def test_seed001_query_range_forwards_the_other_parameters_as_sent(full: Shared)
     delivered_once(legacy, path, data, target=f"{path}?{query}")
 
 
-def test_seed001_variants_off_pass_through_untouched(plain: Shared, payload: PayloadFactory) -> None:
-    """With the variants off (the default) both kinds of PUT are the legacy server's: it gets
-    them as sent (range parameter, Expect: Range, Range) and stores each partial body."""
+def test_seed001_variants_off_are_refused_not_forwarded(plain: Shared, payload: PayloadFactory) -> None:
+    """With the variants off (the default) both kinds of PUT announce a part of a file that no
+    protocol takes: the guard refuses them (400 naming the field) and the legacy server never
+    stores a partial body."""
     proc, legacy = plain
     data = payload(1000).read_bytes()
+    before = len(legacy.received)
 
     query_target = "/seed001-off/query.bin?range=0-499/1000"
     response = send(proc.url + query_target, "PUT", data[:500])
-    assert_passed_through(legacy, response, "PUT", query_target, data[:500], {})
-    assert response.status_code == 201, show(response)
+    assert response.status_code == 400 and "range=" in response.text, show(response)
 
-    expect_target = "/seed001-off/expect.bin"
     fields = {"Expect": "Range", "Range": "bytes 0-499/1000"}
-    response = send(proc.url + expect_target, "PUT", data[:500], fields)
-    assert_passed_through(legacy, response, "PUT", expect_target, data[:500], fields)
-    assert response.status_code == 201, show(response)
+    response = send(proc.url + "/seed001-off/expect.bin", "PUT", data[:500], fields)
+    assert response.status_code == 400 and "Expect: Range" in response.text, show(response)
 
-    for stored in ("seed001-off/query.bin", "seed001-off/expect.bin"):
-        assert (legacy.directory / stored).read_bytes() == data[:500]
+    assert len(legacy.received) == before
+    assert not (legacy.directory / "seed001-off").exists()
 
 
 # --- 8. protocols do not steal each other's requests -------------------------------------

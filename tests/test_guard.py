@@ -6,31 +6,65 @@ import pytest
 
 from shim import commands as c
 from shim.model import Request
-from shim.protocols.guard import Guard
+from shim.protocols.guard import CONTENT_RANGE, TUS_LENGTH, UPLOAD_OFFSET, Guard, foreign
 
 
 def req(method: str, *fields: tuple[str, str]) -> Request:
     return Request(method, "/anything", "", tuple(fields), 10)
 
 
-@pytest.mark.parametrize("request_", [
-    req("PATCH", ("Upload-Offset", "0")),
-    req("POST", ("Upload-Complete", "?0")),
-    req("PUT", ("Upload-Complete", "?0;x=1")),
-    req("POST", ("Upload-Incomplete", "?1")),
-])
-def test_partial_uploads_are_refused_not_forwarded(request_: Request) -> None:
+PARTIAL = [
+    (req("PATCH", ("Upload-Offset", "0")), "Upload-Offset"),
+    (req("POST", ("Upload-Complete", "?0")), "Upload-Complete: ?0"),
+    (req("PUT", ("Upload-Complete", "?0;x=1")), "Upload-Complete: ?0"),
+    (req("POST", ("Upload-Incomplete", "?1")), "Upload-Complete: ?0"),
+    (req("PUT", ("Content-Range", "bytes 0-9/10")), "Content-Range"),
+    (req("POST", ("Content-Range", "bytes 10-19/*")), "Content-Range"),
+    (req("PATCH", ("Content-Range", "bytes 0-9/10")), "Content-Range"),
+    (req("PUT", ("Tus-Resumable", "1.0.0"), ("Upload-Length", "10")), "Tus-Resumable"),
+    (req("POST", ("Tus-Resumable", "1.0.0"), ("Upload-Defer-Length", "1")), "Tus-Resumable"),
+    (req("PATCH", ("Content-Type", "message/byteranges")), "byteranges"),
+    (req("PATCH", ("Content-Type", "Multipart/Byteranges; boundary=x")), "byteranges"),
+    (Request("PUT", "/f", "a=1&range=0-9/10", (), 10), "range="),
+    (Request("PUT", "/f", "range=*/*", (), 0), "range="),
+    (req("PUT", ("Expect", "100-continue, Range"), ("Range", "bytes 0-9/10")), "Expect: Range"),
+]
+
+
+@pytest.mark.parametrize(("request_", "named"), PARTIAL)
+def test_partial_uploads_are_refused_naming_the_field_not_forwarded(
+        request_: Request, named: str) -> None:
     command = Guard().parse(request_, "")
     assert isinstance(command, c.Refuse) and command.error.status == 400
     reply = Guard().render(request_, command, c.Outcome(error=command.error))
     assert reply.status == 400 and b"nothing was forwarded" in reply.body
+    assert named.encode() in reply.body
+
+
+@pytest.mark.parametrize(("request_", "named"), PARTIAL)
+def test_pass_through_lets_an_operator_forward_them(request_: Request, named: str) -> None:
+    assert Guard(pass_through=True).parse(request_, "") is None
 
 
 @pytest.mark.parametrize("request_", [
     req("POST", ("Upload-Complete", "?1")),      # a whole file: URLSession's ordinary upload
     req("PATCH", ("Content-Type", "application/json")),
-    req("PUT", ("Content-Range", "bytes 0-9/10")),  # paths restricted on purpose by config
     req("GET", ("Upload-Offset", "3")),
+    req("GET", ("Content-Range", "bytes 0-9/10")),
+    req("HEAD", ("Tus-Resumable", "1.0.0")),
+    req("PUT", ("Expect", "100-continue")),
+    Request("PUT", "/f", "ranges=0-9/10&orange=0-9/10", (), 10),
+    Request("PUT", "/f", "range=yes", (), 10),  # the application's own parameter
 ])
 def test_everything_else_passes_through(request_: Request) -> None:
     assert Guard().parse(request_, "") is None
+
+
+def test_a_protocol_must_handle_every_upload_field_of_a_request_it_takes() -> None:
+    """tus on the target URL takes a PUT with Tus-Resumable; with a Content-Range as well it
+    would store a chunk as the whole file, so it is refused, naming the field."""
+    put = req("PUT", ("Tus-Resumable", "1.0.0"), ("Upload-Length", "100"),
+              ("Content-Range", "bytes 10-14/100"))
+    refusal = foreign(put, frozenset({UPLOAD_OFFSET, TUS_LENGTH}))
+    assert refusal is not None and refusal.status == 400 and "Content-Range" in refusal.message
+    assert foreign(put, frozenset({CONTENT_RANGE, TUS_LENGTH})) is None

@@ -11,6 +11,8 @@ from shim.model import Reply, Request
 
 class Protocol(_Protocol):
     name: str
+    understands: frozenset[str]
+    """The upload fields (`shim.protocols.guard.announced`) a request it takes may carry."""
 
     def parse(self, request: Request, owner: str) -> Command | None:
         """The command this request asks for, or None when the request is not this protocol's."""

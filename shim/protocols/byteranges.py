@@ -25,7 +25,7 @@ from shim.config import ByterangesConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request
-from shim.protocols import replies
+from shim.protocols import guard, replies
 from shim.wire import ContentRange, parse_content_range, path_allowed
 
 MAX_HEADER_BLOCK = 16 * 1024
@@ -34,6 +34,8 @@ _BOUNDARY = re.compile(r'boundary="?([^";]{1,70})"?', re.IGNORECASE)
 
 class Byteranges:
     name = "byteranges"
+    understands = frozenset({guard.BYTERANGES})
+    """The upload fields this protocol handles (`shim.protocols.guard.announced`)."""
 
     def __init__(self, config: ByterangesConfig) -> None:
         self.config = config

@@ -17,7 +17,7 @@ from shim.config import ContentRangeConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Target
-from shim.protocols import replies
+from shim.protocols import guard, replies
 from shim.wire import ContentRange, format_range, parse_content_range, parse_length, path_allowed
 
 RESUME_INCOMPLETE = "Resume Incomplete"
@@ -29,6 +29,8 @@ _PROTOCOL_FIELDS = frozenset({
 
 class ContentRangeProtocol:
     name = "content-range"
+    understands = frozenset({guard.CONTENT_RANGE})
+    """The upload fields this protocol handles (`shim.protocols.guard.announced`)."""
 
     def __init__(self, config: ContentRangeConfig) -> None:
         self.config = config
@@ -60,7 +62,7 @@ class ContentRangeProtocol:
         key = f"content-range:{owner}:{request.method} {request.target}"
         new = self._new(request, owner, chunk.total, _target(request, request.method))
         return c.WriteRange(owner, new, key=key, start=chunk.start, total=chunk.total,
-                            max_size=self.config.max_size)
+                            max_size=self.config.max_size, size=chunk.size)
 
     # --- Google-style sessions ------------------------------------------------------------
 
@@ -87,7 +89,7 @@ class ContentRangeProtocol:
                 if request.body_length else "bytes */0"
         chunk = _chunk(request, range_field)
         return c.WriteRange("", upload_id=session_id, start=chunk.start, total=chunk.total,
-                            max_size=self.config.max_size)
+                            max_size=self.config.max_size, size=chunk.size)
 
     def _new(self, request: Request, owner: str, length: int | None, target: Target) -> NewUpload:
         if self.config.max_size and length is not None and length > self.config.max_size:

@@ -24,7 +24,7 @@ from shim.config import IetfConfig
 from shim.engine import Checksum, NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Answer, Reply, Request, Target, Upload
-from shim.protocols import replies
+from shim.protocols import guard, replies
 from shim.wire import path_allowed
 
 PARTIAL_UPLOAD = "application/partial-upload"
@@ -73,6 +73,8 @@ _DIGESTS = {"sha-256": "sha256", "sha-512": "sha512"}
 
 class Ietf:
     name = "ietf"
+    understands = frozenset({guard.UPLOAD_OFFSET, guard.UPLOAD_COMPLETE})
+    """The upload fields this protocol handles (`shim.protocols.guard.announced`)."""
 
     def __init__(self, config: IetfConfig) -> None:
         self.config = config

@@ -20,7 +20,7 @@ from shim.config import Seed001Config
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request
-from shim.protocols import replies
+from shim.protocols import guard, replies
 from shim.wire import ContentRange, format_range, parse_content_range, path_allowed
 
 RANGE_PARAM = "range"
@@ -28,6 +28,8 @@ RANGE_PARAM = "range"
 
 class Seed001:
     name = "seed001"
+    understands = frozenset({guard.RANGE_QUERY, guard.EXPECT_RANGE})
+    """The upload fields this protocol handles (`shim.protocols.guard.announced`)."""
 
     def __init__(self, config: Seed001Config) -> None:
         self.config = config
@@ -63,7 +65,8 @@ class Seed001:
                         metadata={}, target=target, max_size=self.config.max_size,
                         expiration=self.config.expiration)
         return c.WriteRange(owner, new, key=f"{self.name}:{owner}:{url}", start=chunk.start,
-                            total=chunk.total, max_size=self.config.max_size)
+                            total=chunk.total, max_size=self.config.max_size,
+                            size=chunk.size if chunk.start is not None else None)
 
     def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
         stored = outcome.upload.offset if outcome.upload is not None else 0

@@ -19,6 +19,7 @@ from shim.config import TusConfig
 from shim.engine import CHECKSUM_ALGORITHMS, Checksum, NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import HeaderList, Reply, Request, Target, Upload
+from shim.protocols import guard
 from shim.wire import http_date, parse_length
 
 VERSION = "1.0.0"
@@ -32,6 +33,8 @@ _METADATA_KEY = re.compile(r"[^\s,]+")
 
 class Tus:
     name = "tus"
+    understands = frozenset({guard.UPLOAD_OFFSET, guard.TUS_LENGTH})
+    """The upload fields this protocol handles (`shim.protocols.guard.announced`)."""
 
     def __init__(self, config: TusConfig) -> None:
         self.config = config

@@ -13,13 +13,15 @@ from shim.config import TusTargetConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Upload
-from shim.protocols import replies
+from shim.protocols import guard, replies
 from shim.protocols.tus import VERSION, check_chunk_type, check_version, parse_checksum
 from shim.wire import parse_length, path_allowed
 
 
 class TusTarget:
     name = "tus-target"
+    understands = frozenset({guard.UPLOAD_OFFSET, guard.TUS_LENGTH})
+    """The upload fields this protocol handles (`shim.protocols.guard.announced`)."""
 
     def __init__(self, config: TusTargetConfig, tus_endpoint: str) -> None:
         self.config = config

@@ -25,7 +25,7 @@ from shim.config import WebdavConfig
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Upload
-from shim.protocols import replies
+from shim.protocols import guard, replies
 from shim.wire import http_date, parse_content_range, path_allowed
 
 ITHIT = "ithit"
@@ -34,6 +34,8 @@ MAX_REPORT_BODY = 64 * 1024
 
 class Webdav:
     name = "webdav"
+    understands = frozenset({guard.CONTENT_RANGE})
+    """The upload fields this protocol handles (`shim.protocols.guard.announced`)."""
 
     def __init__(self, config: WebdavConfig) -> None:
         self.config = config
@@ -63,12 +65,12 @@ class Webdav:
         if range_field is None and request.body_length is None:
             return None  # chunked and unannounced: nothing to resume against; as without us
         if range_field is None:
-            start, total, restart = 0, request.body_length, True
+            start, total, restart, size = 0, request.body_length, True, request.body_length
         else:
             chunk = parse_content_range(range_field)
             if chunk.start is None or (request.body_length not in (None, chunk.size)):
                 raise errors.bad_request("Content-Range must name the bytes this PUT carries")
-            start, total, restart = chunk.start, chunk.total, False
+            start, total, restart, size = chunk.start, chunk.total, False, chunk.size
         target = targets.target("PUT", request.target, request.fields,
                                 protocol_names=frozenset({"content-range"}),
                                 content_type=request.header("content-type"))
@@ -76,7 +78,8 @@ class Webdav:
                         metadata={}, target=target, max_size=self.config.max_size,
                         expiration=self.config.expiration)
         return c.WriteRange(owner, new, key=self._key(owner, request.path), start=start,
-                            total=total, restart=restart, max_size=self.config.max_size)
+                            total=total, restart=restart, max_size=self.config.max_size,
+                            size=size)
 
     def _report(self, request: Request, owner: str) -> c.Command | None:
         """Only the upload-progress report is the shim's; the body decides."""
