@@ -488,6 +488,10 @@ class Engine:
         parts = [await self.get(part_id, new.owner) for part_id in new.parts]
         if any(part.parts or part.target is not None for part in parts):
             raise errors.bad_request("only partial uploads can be concatenated")
+        known = sum(part.length for part in parts if part.length is not None)
+        if new.max_size and known > new.max_size:
+            raise errors.too_large(f"the parts add up to {known} bytes, more than the limit "
+                                   f"of {new.max_size}")
         upload = await self.create(replace(new, length=None), key)  # refresh() sums the parts
         for part in parts:
             await self.store.link(f"part-of:{part.id}:{upload.id}", upload.id)

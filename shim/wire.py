@@ -43,7 +43,7 @@ class ContentRange:
         return 0 if self.start is None or self.end is None else self.end - self.start + 1
 
 
-_CONTENT_RANGE = re.compile(r"bytes[ =](?:(\d{1,19})-(\d{1,19})|(\*))/(?:(\d{1,19})|(\*))")
+_CONTENT_RANGE = re.compile(r"bytes (?:(\d{1,19})-(\d{1,19})|(\*))/(?:(\d{1,19})|(\*))")
 
 
 def parse_content_range(value: str) -> ContentRange:

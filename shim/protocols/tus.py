@@ -44,9 +44,9 @@ class Tus:
     def parse(self, request: Request, owner: str) -> c.Command | None:
         """Map a tus request under the endpoint to a command; None for anything else."""
         upload_id = self._upload_id(request.path)
-        if upload_id is None or not _speaks_tus(request, upload_id):
-            return None
         method = _method(request)
+        if upload_id is None or not _speaks_tus(request, method, upload_id):
+            return None
         try:
             if method == "OPTIONS":
                 return c.Immediate(self._options())
@@ -83,6 +83,11 @@ class Tus:
         metadata = parse_metadata(request.header("upload-metadata"))
         concat = request.header("upload-concat")
         if concat is not None and concat.startswith("final"):
+            if request.has_body:  # concatenation: "the Server MUST respond with 403"
+                raise ShimError("forbidden", "a final concatenation carries no body", 403)
+            if request.header("upload-length") is not None:
+                raise errors.bad_request("a final concatenation has no Upload-Length: its "
+                                         "length is the sum of its parts")
             parts = self._parse_final(concat)
             return c.Concatenate(self._new(request, owner, None, metadata, parts=parts))
         if concat is not None and concat != "partial":
@@ -191,22 +196,25 @@ class Tus:
         return _reply(204, headers)
 
 
-def _speaks_tus(request: Request, upload_id: str) -> bool:
+def _speaks_tus(request: Request, method: str, upload_id: str) -> bool:
     """Whether a request under the endpoint is tus at all. Others (a browser's GET of a file
     whose path happens to lie under the endpoint) belong to the legacy server. A request with
-    tus fields but a missing Tus-Resumable is tus, and gets its 412."""
-    if request.method == "OPTIONS":
+    tus fields but a missing Tus-Resumable is tus, and gets its 412; so is one that overrides
+    its method (only tus gives X-HTTP-Method-Override a meaning here)."""
+    if request.header("x-http-method-override") is not None:
+        return True
+    if method == "OPTIONS":
         return upload_id == "" or request.header("tus-resumable") is not None
-    if request.method == "PATCH":
+    if method == "PATCH":
         return True
     return any(name.lower().startswith(("tus-", "upload-")) for name, _ in request.fields)
 
 
 def _method(request: Request) -> str:
-    """The method, honouring X-HTTP-Method-Override (core, "Headers") for clients behind
-    firewalls that only pass GET and POST."""
+    """The method, honouring X-HTTP-Method-Override (core, "Headers": it "MUST be
+    interpreted as the request's method", whatever method carried it)."""
     override = request.header("x-http-method-override")
-    return override.strip().upper() if override and request.method == "POST" else request.method
+    return override.strip().upper() if override and override.strip() else request.method
 
 
 def check_version(request: Request) -> None:
