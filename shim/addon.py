@@ -31,6 +31,7 @@ from shim.local_store import LocalStore
 from shim.mitm import close_client, send_interim
 from shim.model import Reply, Request
 from shim.outbox import DeliveryPolicy, Outbox
+from shim.preflight import Preflight
 from shim.protocols import Protocol, guard
 from shim.protocols.byteranges import Byteranges
 from shim.protocols.content_range import ContentRangeProtocol
@@ -105,8 +106,12 @@ class Shim:
             on_unknown=delivery.on_unknown))
         self.store = store
         limits = config.limits
+        auth = config.auth
+        preflight = None if auth.preflight == "none" else Preflight(
+            auth.preflight, origin, auth.url, auth.timeout, not ctx.options.ssl_insecure).check
         self.engine = Engine(store, outbox, config.storage.min_free_bytes, limits=Limits(
-            uploads_per_owner=limits.uploads_per_owner, uploads_total=limits.uploads_total))
+            uploads_per_owner=limits.uploads_per_owner, uploads_total=limits.uploads_total),
+            preflight=preflight)
         self.protocols = _protocols(config)
         self.origin = origin
         self._config_path = path

@@ -75,11 +75,16 @@ _NEEDS_PARTS = frozenset({State.RECEIVING, State.COMPLETE, State.DELIVERING, Sta
 
 class Engine:
     def __init__(self, store: Store, outbox: Outbox, min_free_bytes: int = 0,
-                 clock: Callable[[], float] = time.time, limits: Limits | None = None) -> None:
+                 clock: Callable[[], float] = time.time, limits: Limits | None = None,
+                 preflight: Callable[[Target, int | None], Awaitable[None]] | None = None
+                 ) -> None:
         self.store = store
         self.outbox = outbox
         self.min_free_bytes = min_free_bytes
         self.limits = limits or Limits()
+        self.preflight = preflight
+        """Asks the legacy server whether it takes an upload before it is created (raises
+        its refusal); None: no such check (`auth.preflight: none`)."""
         self._creating = asyncio.Lock()
         """Creations count and save one at a time, so that a cap is never overshot."""
         self.clock = clock
@@ -113,6 +118,8 @@ class Engine:
         """A new upload; `key` names it for protocols that find uploads by URL, not by id."""
         if new.max_size and new.length is not None and new.length > new.max_size:
             raise errors.too_large(f"the upload is larger than the limit of {new.max_size} bytes")
+        if self.preflight is not None and new.target is not None:
+            await self.preflight(new.target, new.length)
         async with self._creating:
             await self._check_room(new.owner)
             now = self.clock()

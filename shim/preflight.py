@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 import h11
 
-from shim.model import Answer, HeaderList
+from shim.errors import ShimError
+from shim.model import Answer, HeaderList, Target
 from shim.targets import HOP_BY_HOP, connection_fields
 from shim.upstream import Origin, Upstream
 
@@ -248,3 +249,42 @@ async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(OSError, TimeoutError):
         await asyncio.wait_for(writer.wait_closed(), _CLOSE_WAIT)
+
+
+_RELAYED = frozenset({"www-authenticate", "retry-after", "link"})
+"""Fields of a refusal passed on to the client with its status (RFC 9110 section 11.6.1:
+a 401 needs its WWW-Authenticate)."""
+
+
+class Preflight:
+    """`auth.preflight`: ask the legacy server, before an upload is created, whether it
+    would take this file from this client; its refusal is the client's answer."""
+
+    def __init__(self, mode: str, origin: Origin, url: str, timeout: float,
+                 verify_tls: bool = True) -> None:
+        self.mode = mode
+        self.origin = origin
+        self.url = url
+        self.timeout = timeout
+        self.verify_tls = verify_tls
+
+    async def check(self, target: Target, length: int | None) -> None:
+        """Raise ShimError with the legacy server's refusal (its status, WWW-Authenticate
+        and body), or 503 when it gives no verdict; return when it allows the upload."""
+        try:
+            if self.mode == "expect":
+                answer = await ask_expect(self.origin, target.method, target.path,
+                                          target.headers, length, self.timeout, self.verify_tls)
+            else:
+                answer = await ask_url(self.url, target.headers, self.timeout, self.verify_tls)
+        except (PreflightUnavailable, ValueError) as exc:
+            raise ShimError("preflight-unavailable", f"the legacy server could not be asked "
+                            f"whether it takes this upload: {exc}", 503,
+                            {"Retry-After": 10}) from exc
+        if answer is not None:
+            # Capitalised: ShimError carries response fields under capitalised keys.
+            fields = {k.title(): v for k, v in answer.headers if k.lower() in _RELAYED}
+            text = answer.body.decode("utf-8", "replace").strip()
+            raise ShimError("preflight-refused", text or f"the legacy server refused this "
+                            f"upload: {answer.status} {answer.reason}", answer.status,
+                            dict(fields))
