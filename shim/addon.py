@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from functools import partial
+from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net.http import url
@@ -28,7 +29,7 @@ from shim.commands import Command, Forward, NeedBody, Refuse
 from shim.engine import WRITE_LEASE_TTL, Engine, Limits, every
 from shim.exchange import Exchange
 from shim.local_store import LocalStore
-from shim.mitm import close_client, send_interim
+from shim.mitm import answer_early, close_client, limit_request_heads, send_interim
 from shim.model import Reply, Request
 from shim.outbox import DeliveryPolicy, Outbox
 from shim.preflight import Preflight
@@ -61,6 +62,8 @@ class _FlowState:
         self.reply = reply
         """A reply decided before the body (an internal error), sent once the body is drained."""
         self.streamed = False
+        self.answered = False
+        """The answer is given (or being given): by `_answer`, or early, from the head."""
 
 
 class Shim:
@@ -78,6 +81,7 @@ class Shim:
         self._eager_sink = False
         self._rewrite_host = True
         self._first_connect: set[str] = set()
+        self._background: set[asyncio.Future[None]] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -128,6 +132,8 @@ class Shim:
         self._rewrite_host = not ctx.options.keep_host_header
         ctx.options.update(connection_strategy="eager" if self._eager_sink else "lazy",
                            keep_host_header=True, tcp_timeout=self.config.limits.client_timeout)
+        self.sink.max_head = self.config.limits.header_bytes + 4096  # the rerouting fields
+        limit_request_heads(self.config.limits.header_bytes)
         await self.sink.start()
         assert self.engine is not None and self.store is not None
         engine = self.engine
@@ -233,9 +239,10 @@ class Shim:
                 command = Refuse(refusal) if refusal is not None else command
             exchange = Exchange(self.engine, protocol, request, command)
             if request.has_body and not isinstance(command, Forward | NeedBody):
+                state = _FlowState(exchange)
                 exchange.start(partial(close_client, flow, "a newer request took over"),
-                               partial(self._send_interim, flow, exchange))
-                return _FlowState(exchange)
+                               partial(self._after_begin, flow, state))
+                return state
             try:
                 await exchange.begin()
                 if exchange.declined:
@@ -248,6 +255,32 @@ class Shim:
                 raise
             return _FlowState(exchange)
         return None
+
+    async def _after_begin(self, flow: http.HTTPFlow, state: _FlowState) -> None:
+        """Once a request with a body has begun: refused already (from its head: a wrong
+        offset, a cap, a stranger's upload), it is answered at once, without reading the body
+        it still sends; else the 1xx it asks for goes out."""
+        exchange = state.exchange
+        assert exchange is not None
+        if exchange.error is None:
+            await self._send_interim(flow, exchange)
+        else:
+            self._spawn(self._refuse_early(flow, state, exchange))
+
+    async def _refuse_early(self, flow: http.HTTPFlow, state: _FlowState,
+                            exchange: Exchange) -> None:
+        reply = await _guarded(exchange.finish)
+        if state.answered:
+            return  # the body ended meanwhile and `_answer` gave the answer
+        state.answered = True
+        response = _to_response(reply, flow.request.method)
+        if not await answer_early(flow, response):
+            state.reply, state.answered = reply, False  # too late: `_answer` sends it
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     async def _send_interim(flow: http.HTTPFlow, exchange: Exchange) -> None:
@@ -333,6 +366,9 @@ class Shim:
         """The one place a claimed flow ends with an answer; the exchange's leases are
         released here whatever happened before (Exchange.finish, or abort)."""
         flow.metadata.pop(_STATE, None)
+        if state.answered:
+            return  # answered early from its head: the flow is being closed
+        state.answered = True
         reply = state.reply
         exchange = state.exchange
         if reply is None and exchange is not None:

@@ -146,14 +146,15 @@ class Exchange:
         """Begin in the background, so the hook that saw the request head returns at once:
         mitmproxy drops the body of a client that leaves while that hook still runs. Chunks
         that arrive meanwhile wait in memory (at most EARLY_LIMIT bytes) until it is done;
-        `then` runs after it (the 1xx is sent from there)."""
+        `then` runs after it, refused or not (the 1xx, or the early refusal, is sent from
+        there; it must not wait for `finish`, which waits for this)."""
         self._interrupt = interrupt
         self._queue()
 
         async def run() -> None:
             await self.begin()
             self._feed_early()
-            if then is not None and self.error is None:
+            if then is not None:
                 await then()
 
         self._begun = asyncio.ensure_future(run())

@@ -18,6 +18,9 @@ class Sink:
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.max_head = 64 * 1024
+        """The largest request head it reads; set to the shim's own limit plus what mitmproxy
+        adds, so that every head the shim accepts reaches it (h11's default is 16 KiB)."""
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -31,7 +34,7 @@ class Sink:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         try:
             while True:
                 event = conn.next_event()
