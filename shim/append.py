@@ -57,6 +57,9 @@ class Append:
         """Only compare the body with the stored bytes (see Engine.begin_check)."""
         self.digests: dict[str, str] = dict(upload.digests)
         """Digests of the whole file to save once this body is accepted (RFC 9530)."""
+        self.declared_length: int | None = None
+        """A deferred length this request declares (tus creation-defer-length): saved with
+        the offset once the body is accepted, never by a refused request."""
         self.expected: int | None = None
         """The body's size by its headers (a Content-Range), when they say; see `ended_short`."""
         self.received = 0

@@ -58,6 +58,8 @@ class NewUpload:
     expiration: int = 0
     parts: tuple[str, ...] = ()
     digests: dict[str, str] = field(default_factory=dict)
+    account: str | None = None
+    """Whom it counts against for the caps when not `owner` (see Upload.account)."""
 
 
 @dataclass(frozen=True)
@@ -121,13 +123,13 @@ class Engine:
         if self.preflight is not None and new.target is not None:
             await self.preflight(new.target, new.length)
         async with self._creating:
-            await self._check_room(new.owner)
+            await self._check_room(new.account if new.account is not None else new.owner)
             now = self.clock()
             upload = await self.store.save(Upload(
                 id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
                 metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
                 updated=now, expires_after=new.expiration, digests=dict(new.digests),
-                previous=previous))
+                previous=previous, account=new.account))
         if key is not None:
             await self.store.link(key, upload.id)
         return upload
@@ -320,8 +322,6 @@ class Engine:
         if not await self.store.acquire(f"write:{upload.id}", holder, WRITE_LEASE_TTL):
             raise errors.locked()
         try:
-            if declared_length is not None and upload.length is None:
-                upload = await self._change_receiving(upload, length=declared_length)
             if checksum is not None:
                 upload = await self.change(upload, unverified_from=offset)
             writer = await self.store.open_writer(upload.id, offset)
@@ -330,6 +330,8 @@ class Engine:
             raise
         append = Append(upload, writer, room, checksum, holder)
         append.digests = digests or upload.digests
+        if upload.length is None:
+            append.declared_length = declared_length
         self._writers[upload.id] = append
         return append
 
@@ -341,7 +343,11 @@ class Engine:
             assert append.hasher is not None
             if append.hasher.digest() != append.checksum.digest:
                 failure = errors.checksum_mismatch(append.checksum.algorithm)
-        accepted = {"digests": append.digests} if failure is None else {}
+        accepted: dict[str, Any] = {}
+        if failure is None:  # what the request declares holds only once it is accepted
+            accepted["digests"] = append.digests
+            if append.declared_length is not None:
+                accepted["length"] = append.declared_length
         upload = await self.end_write(append, failure is None or not append.all_or_nothing,
                                       **accepted)
         if failure is not None:

@@ -126,7 +126,8 @@ class LocalStore:
             sql.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)",
                         (upload.id, upload.next_attempt))
         if _incomplete(upload):
-            sql.execute("INSERT OR REPLACE INTO incomplete VALUES (?, ?)", (upload.id, upload.owner))
+            account = upload.account if upload.account is not None else upload.owner
+            sql.execute("INSERT OR REPLACE INTO incomplete VALUES (?, ?)", (upload.id, account))
 
     def _index_after(self, upload: Upload) -> None:
         """Entries the new record no longer needs, removed once it is written."""

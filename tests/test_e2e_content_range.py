@@ -753,7 +753,7 @@ def test_bytes_equals_separator_is_refused(
     (``bytes SP first-last/complete``): refused (400), nothing stored or delivered."""
     proc, legacy = shared
     data = payload(TOTAL).read_bytes()
-    target = "/api/upload?case=equals-sign"
+    target = "/api/upload?case=equals-separator"
     url = f"{proc.url}{target}"
     first = requests.put(
         url, data=data[:STORED], headers={"Content-Range": f"bytes=0-{STORED - 1}/{TOTAL}"},

@@ -607,3 +607,28 @@ def test_database_failure_is_a_store_error(store: Backend) -> None:
             assert await s.load(upload.id) is None
 
     store.run(scenario, broken=True)
+
+
+# --- the caps' count -------------------------------------------------------------------------------
+
+
+def test_incomplete_counts_receiving_uploads_short_of_their_length_by_account(
+        store: Backend) -> None:
+    """What the caps on uploads in progress count: uploads still receiving and short of
+    their length, per owner (or the account they count against) and in all; completing,
+    terminating or removing one frees its place."""
+    async def scenario(s: Store) -> None:
+        alice = [await s.save(record(owner="alice")) for _ in range(3)]
+        await s.save(record(owner="bob", length=None))  # a deferred length is incomplete
+        await s.save(record(owner="", account="carol"))  # a capability counts for its creator
+        await s.save(record(owner="alice", offset=10))  # complete: no longer counted
+        assert (await s.incomplete("alice"), await s.incomplete("bob")) == (3, 1)
+        assert (await s.incomplete("carol"), await s.incomplete("")) == (1, 0)
+        assert await s.incomplete() == 5
+        await s.save(replace(alice[0], offset=10))
+        await s.save(replace(alice[1], state=State.TERMINATED))
+        await s.remove(alice[2])
+        assert await s.incomplete("alice") == 0 and await s.incomplete() == 2
+        assert (await s.incomplete("nobody")) == 0
+
+    store.run(scenario)

@@ -9,6 +9,7 @@ is the capability, as at Google, so chunks need no credentials of their own.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from urllib.parse import parse_qsl, urlencode
 
 from shim import commands as c
@@ -74,8 +75,9 @@ class ContentRangeProtocol:
         kept = [(k, v) for k, v in params if k != "uploadType"]
         target = _target(request, "POST", path=_with_query(request.path, kept),
                          content_type=request.header("x-upload-content-type"))
-        # The session URI is the capability (as at Google): no owner is checked on it.
-        new = self._new(request, "", length, target)
+        # The session URI is the capability (as at Google): no owner is checked on it; its
+        # creator's credentials still count it against their cap on uploads in progress.
+        new = replace(self._new(request, "", length, target), account=owner)
         return c.Open(new)
 
     def _session_request(self, request: Request, session_id: str) -> c.Command:
