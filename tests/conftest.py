@@ -9,12 +9,25 @@ import pytest
 
 from shim.demo_server import WholeFileServer
 from tests.harness import PayloadFactory, ShimLauncher, require_node
+from tests.legacy_servers import LegacyServer
 
 
 @pytest.fixture
 def legacy(tmp_path: Path) -> Iterator[WholeFileServer]:
     """A started WholeFileServer storing into tmp_path/"legacy"; stopped at teardown."""
     server = WholeFileServer(tmp_path / "legacy")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def recording_legacy() -> Iterator[LegacyServer]:
+    """A started scriptable LegacyServer (mode "ok") that records every request it gets;
+    stopped at teardown."""
+    server = LegacyServer()
     server.start()
     try:
         yield server

@@ -18,7 +18,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,9 @@ def config(wait: float = 0.5, timeout: float = 1.0, on_unknown: str = "hold") ->
 
 
 @pytest.fixture
-def faulty() -> Iterator[LegacyServer]:
-    """A started LegacyServer (mode "ok"); stopped at teardown."""
-    server = LegacyServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def faulty(recording_legacy: LegacyServer) -> LegacyServer:
+    """The legacy server these tests make fail (conftest's recording_legacy)."""
+    return recording_legacy
 
 
 @pytest.fixture

@@ -45,16 +45,6 @@ def expected_sha256() -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture
-def recording_legacy() -> Iterator[LegacyServer]:
-    server = LegacyServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_a_300_mib_pass_through_put_keeps_the_shims_memory_flat(
         shim: ShimLauncher, recording_legacy: LegacyServer) -> None:
