@@ -64,6 +64,8 @@ class _FlowState:
         self.streamed = False
         self.answered = False
         """The answer is given (or being given): by `_answer`, or early, from the head."""
+        self.early: asyncio.Future[None] | None = None
+        """The attempt to answer early, which `_answer` waits for before it answers."""
 
 
 class Shim:
@@ -151,7 +153,7 @@ class Shim:
     async def done(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.sink.stop()
         if self.engine is not None:
             await self.engine.outbox.stop()
@@ -265,7 +267,7 @@ class Shim:
         if exchange.error is None:
             await self._send_interim(flow, exchange)
         else:
-            self._spawn(self._refuse_early(flow, state, exchange))
+            state.early = self._spawn(self._refuse_early(flow, state, exchange))
 
     async def _refuse_early(self, flow: http.HTTPFlow, state: _FlowState,
                             exchange: Exchange) -> None:
@@ -273,14 +275,19 @@ class Shim:
         if state.answered:
             return  # the body ended meanwhile and `_answer` gave the answer
         state.answered = True
-        response = _to_response(reply, flow.request.method)
-        if not await answer_early(flow, response):
+        try:
+            sent = await answer_early(flow, _to_response(reply, flow.request.method))
+        except Exception:
+            log.exception("shim: failed to answer a refused request early")
+            sent = False
+        if not sent:
             state.reply, state.answered = reply, False  # too late: `_answer` sends it
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     @staticmethod
     async def _send_interim(flow: http.HTTPFlow, exchange: Exchange) -> None:
@@ -366,6 +373,8 @@ class Shim:
         """The one place a claimed flow ends with an answer; the exchange's leases are
         released here whatever happened before (Exchange.finish, or abort)."""
         flow.metadata.pop(_STATE, None)
+        if state.early is not None:
+            await asyncio.shield(state.early)
         if state.answered:
             return  # answered early from its head: the flow is being closed
         state.answered = True

@@ -273,10 +273,10 @@ class LegacyServer:
             head.append(f"Location: {location}")
         if close:
             head.append("Connection: close")
-        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
-        with self._changed:
+        with self._changed:  # recorded first: a client that has the answer sees it recorded
             request.status = status
             self._changed.notify_all()
+        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
 
 def _read_headers(reader: io.BufferedReader) -> list[tuple[str, str]]:
