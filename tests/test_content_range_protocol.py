@@ -35,6 +35,17 @@ def test_malformed_content_ranges_are_refused(value: str, status: int) -> None:
     with pytest.raises(ShimError) as caught:
         parse_content_range(value)
     assert caught.value.status == status
+    assert repr(value.strip()) in caught.value.message  # the value, for the person who sent it
+    assert caught.value.code == ("range" if status == 416 else "bad-request")
+
+
+@pytest.mark.parametrize("value", ["bytes=0-4/5", "bytes  0-4/5", "Bytes 0-4/5", "bytes\t0-4/5",
+                                   "bytes=*/5", "bytes 0-4/5/6"])
+def test_only_rfc_9110_content_range_syntax_is_taken(value: str) -> None:
+    """RFC 9110 section 14.4: `bytes SP first-last/complete`, nothing looser."""
+    with pytest.raises(ShimError) as caught:
+        parse_content_range(value)
+    assert caught.value.status == 400 and "malformed Content-Range" in caught.value.message
 
 
 @pytest.mark.parametrize("stored, expected", [(0, None), (1, "bytes=0-0"), (524288, "bytes=0-524287")])

@@ -28,6 +28,7 @@ PARTIAL = [
     (Request("PUT", "/f", "a=1&range=0-9/10", (), 10), "range="),
     (Request("PUT", "/f", "range=*/*", (), 0), "range="),
     (req("PUT", ("Expect", "100-continue, Range"), ("Range", "bytes 0-9/10")), "Expect: Range"),
+    (req("PUT", ("Expect", "100-continue,range")), "Expect: Range"),
 ]
 
 
@@ -38,7 +39,7 @@ def test_partial_uploads_are_refused_naming_the_field_not_forwarded(
     assert isinstance(command, c.Refuse) and command.error.status == 400
     reply = Guard().render(request_, command, c.Outcome(error=command.error))
     assert reply.status == 400 and b"nothing was forwarded" in reply.body
-    assert named.encode() in reply.body
+    assert named.encode() in reply.body and command.error.code == "not-resumable-here"
 
 
 @pytest.mark.parametrize(("request_", "named"), PARTIAL)
@@ -68,3 +69,4 @@ def test_a_protocol_must_handle_every_upload_field_of_a_request_it_takes() -> No
     refusal = foreign(put, frozenset({UPLOAD_OFFSET, TUS_LENGTH}))
     assert refusal is not None and refusal.status == 400 and "Content-Range" in refusal.message
     assert foreign(put, frozenset({CONTENT_RANGE, TUS_LENGTH})) is None
+    assert refusal.code == "foreign-fields"

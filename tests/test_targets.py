@@ -26,6 +26,7 @@ def refusal(call: object, *args: object, **kwargs: object) -> ShimError:
     ("/u/{filename}", {"filename": "été"}, "/u/%C3%A9t%C3%A9"),
     ("/u/{filename}", {"filename": "..."}, "/u/..."),  # three dots are a name
     ("/u/{filename}-{filename}", {"filename": "x"}, "/u/x-x"),
+    ("/u/{a}/{a}/{id}.bin", {"a": "X y"}, f"/u/X%20y/X%20y/{UPLOAD_ID}.bin"),
     ("/u/{id}/{name}", {"name": "%2e%2e%2f"}, f"/u/{UPLOAD_ID}/%252e%252e%252f"),
 ])
 def test_template_path_fills_in_the_shims_id_and_encoded_values(
@@ -55,8 +56,8 @@ def test_forwarded_fields_drop_hop_by_hop_connection_named_and_protocol_fields()
 
 
 def test_connection_fields_are_the_fixed_ones_and_those_connection_names() -> None:
-    named = connection_fields((("Connection", "X-A , x-b"), ("connection", "X-C")))
-    assert {"x-a", "x-b", "x-c", "keep-alive", "host", "transfer-encoding"} <= named
+    named = connection_fields((("Connection", "X-A , x-b"), ("connection", "X-C,X-E")))
+    assert {"x-a", "x-b", "x-c", "x-e", "keep-alive", "host", "transfer-encoding"} <= named
     assert "x-d" not in named
 
 
@@ -87,6 +88,13 @@ def test_anything_but_a_media_type_refuses_naming_where_it_came_from(value: str)
 
 def test_no_media_type_is_none() -> None:
     assert media_type(None, "x") is None and media_type("  ", "x") is None
+
+
+def test_a_target_is_a_raw_body_by_default() -> None:
+    built = target("PUT", "/x", ())
+    assert (built.body, built.field, built.filename, built.content_type) == ("raw", "file", None, None)
+    assert refusal(target, "PUT", "/x", (), content_type="nope").message.startswith(
+        "Content-Type must be")
 
 
 def test_target_puts_it_together_and_never_forwards_the_clients_content_type() -> None:
