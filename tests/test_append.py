@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from shim import errors
 from shim.append import Append, Checksum
 from shim.model import Upload
 from shim.store import ChunkWriter
@@ -169,3 +170,26 @@ def test_seek_compares_a_later_range_that_overlaps_and_refuses_a_gap(
     append.seek(13)
     assert append.failure is not None and append.failure.status == 416
     assert "starts at 13, after the 12 bytes" in append.failure.message
+
+
+def test_a_new_file_that_cannot_be_put_on_record_fails_and_writes_nothing(
+        data_file: tuple[Path, int]) -> None:
+    """The store refused to record the rewind (a full disk): the body fails with that
+    refusal, and the stored file is untouched (never a splice of two files)."""
+    path, fd = data_file
+    path.write_bytes(b"AAAAAA")
+
+    async def scenario() -> Append:
+        async def on_rewind(position: int) -> None:
+            raise errors.insufficient_storage("cannot record the new file")
+
+        append = body(fd, start=6)
+        append.compare, append.replaces, append.on_rewind = 6, True, on_rewind
+        append.feed(b"AAXYZ")
+        assert append.rewinding is not None
+        await append.rewinding
+        return append
+
+    append = asyncio.run(scenario())
+    assert append.failure is not None and append.failure.status == 507
+    assert path.read_bytes() == b"AAAAAA"
