@@ -129,6 +129,9 @@ class Upload:
     recorded answer instead of a second delivery."""
     previous: str | None = None
     """The upload delivered earlier under the same key, for that duplicate check."""
+    max_size: int = 0
+    """The largest the upload may become (0: no limit); a concatenation's length is checked
+    against it again whenever its parts' lengths become known."""
     account: str | None = None
     """Whom the upload counts against for the caps on uploads in progress, when not its
     owner (a Google session URI is a capability with no owner, but its creator counts)."""

@@ -1470,3 +1470,28 @@ def test_an_answer_that_cannot_be_recorded_is_507_and_never_delivered_twice(
 
     asyncio.run(scenario())
     assert [put.status for put in puts(legacy)] == [201]
+
+
+def test_a_concatenation_past_its_limit_is_413_at_creation_and_when_its_parts_grow(
+        tmp_path: Path) -> None:
+    """tus concatenation + Tus-Max-Size: parts that add up to more than max_size refuse the
+    final upload (413); when a deferred part's length makes it too large later, the part's
+    own write is accepted and the final upload answers 413 from then on, never delivered."""
+
+    async def scenario() -> None:
+        async with rig(tmp_path, NOWHERE) as r:
+            small, large = [await r.engine.create(new(n, target=False)) for n in (4, 9)]
+            too_much = new(None, parts=(small.id, large.id), max_size=10)
+            assert (await refusal(r.engine.concatenate(too_much))).status == 413
+            deferred = await r.engine.create(new(None, target=False))
+            final = await r.engine.concatenate(new(None, parts=(small.id, deferred.id), max_size=10))
+            assert final.length is None and final.max_size == 10
+            writing = await r.engine.begin_append(deferred, 0, 8, declared_length=8)
+            writing.feed(b"12345678")
+            grown = await r.engine.finish_append(writing)
+            assert (grown.length, grown.offset) == (8, 8)  # the part's own write is fine
+            assert await r.engine.wholes_of(grown) == []
+            error = await refusal(r.engine.refresh(final))
+            assert error.status == 413 and "12 bytes" in error.message
+
+    asyncio.run(scenario())
