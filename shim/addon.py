@@ -24,8 +24,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from shim import config as shim_config
-from shim import errors
-from shim.commands import Command, Forward, NeedBody, Refuse
+from shim.commands import Command, Forward, NeedBody
 from shim.engine import WRITE_LEASE_TTL, Engine, Limits, every
 from shim.exchange import Exchange
 from shim.local_store import LocalStore
@@ -33,17 +32,19 @@ from shim.mitm import answer_early, close_client, limit_request_heads, send_inte
 from shim.model import Reply, Request
 from shim.outbox import DeliveryPolicy, Outbox
 from shim.preflight import Preflight
-from shim.protocols import Protocol, guard
+from shim.protocols import Protocol
 from shim.protocols.byteranges import Byteranges
 from shim.protocols.content_range import ContentRangeProtocol
 from shim.protocols.guard import Guard
 from shim.protocols.ietf import Ietf
+from shim.protocols.routing import route
 from shim.protocols.seed001 import Seed001
 from shim.protocols.tus import Tus
 from shim.protocols.tus_target import TusTarget
 from shim.protocols.webdav import Webdav
 from shim.sink import Sink
 from shim.upstream import Origin, Upstream
+from shim.wire import as_bytes
 
 log = logging.getLogger("shim")
 
@@ -229,34 +230,28 @@ class Shim:
                      ) -> _FlowState | None:
         """Ask each protocol whether the request is theirs; begin the exchange if so."""
         assert self.engine is not None
-        owner = _owner(request, self.config.owner_header)
-        for protocol in self.protocols:
-            command = protocol.parse(request, owner)
-            if command is None:
-                continue
-            if not isinstance(command, Forward | NeedBody | Refuse):
-                refusal = guard.foreign(request, protocol.understands) or (None if host_ok else
-                    errors.bad_request("the Host field is not a valid host[:port]; nothing "
-                                       "was stored"))
-                command = Refuse(refusal) if refusal is not None else command
-            exchange = Exchange(self.engine, protocol, request, command)
-            if request.has_body and not isinstance(command, Forward | NeedBody):
-                state = _FlowState(exchange)
-                exchange.start(partial(close_client, flow, "a newer request took over"),
-                               partial(self._after_begin, flow, state))
-                return state
-            try:
-                await exchange.begin()
-                if exchange.declined:
-                    self._note_declined(flow, protocol, command)
-                    return None
-                exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
-                await self._send_interim(flow, exchange)
-            except Exception:
-                await exchange.abort()  # whatever it began, it releases
-                raise
-            return _FlowState(exchange)
-        return None
+        routed = route(self.protocols, request, _owner(request, self.config.owner_header),
+                       host_ok)
+        if routed is None:
+            return None
+        protocol, command = routed
+        exchange = Exchange(self.engine, protocol, request, command)
+        if request.has_body and not isinstance(command, Forward | NeedBody):
+            state = _FlowState(exchange)
+            exchange.start(partial(close_client, flow, "a newer request took over"),
+                           partial(self._after_begin, flow, state))
+            return state
+        try:
+            await exchange.begin()
+            if exchange.declined:
+                self._note_declined(flow, protocol, command)
+                return None
+            exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
+            await self._send_interim(flow, exchange)
+        except Exception:
+            await exchange.abort()  # whatever it began, it releases
+            raise
+        return _FlowState(exchange)
 
     async def _after_begin(self, flow: http.HTTPFlow, state: _FlowState) -> None:
         """Once a request with a body has begun: refused already (from its head: a wrong
@@ -478,7 +473,8 @@ def _has_body(request: http.Request) -> bool:
 def _owner(request: Request, header: str) -> str:
     """Who may touch an upload: a digest of the credentials that created it (or none)."""
     value = request.header(header) if header else None
-    return hashlib.sha256(value.encode()).hexdigest() if value else ""
+    # surrogateescape: the bytes as received, whatever they are (mitmproxy's decoding)
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest() if value else ""
 
 
 def _to_response(reply: Reply, method: str) -> http.Response:
@@ -487,7 +483,7 @@ def _to_response(reply: Reply, method: str) -> http.Response:
     head = method.upper() == "HEAD"
     response = http.Response.make(
         reply.status, b"" if head else reply.body,
-        [(k.encode(), v.encode()) for k, v in reply.headers],
+        [(as_bytes(k), as_bytes(v)) for k, v in reply.headers],
     )
     declared = dict((k.lower(), v) for k, v in reply.headers).get("content-length")
     if head and declared is not None:

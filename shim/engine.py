@@ -158,12 +158,13 @@ class Engine:
         except ShimError:
             return None
 
-    async def get(self, upload_id: str, owner: str) -> Upload:
-        """The upload, if it exists, is alive and belongs to `owner`."""
+    async def get(self, upload_id: str, owner: str, protocol: str | None = None) -> Upload:
+        """The upload, if it exists, is alive, belongs to `owner` (and was made by
+        `protocol`, when given)."""
         upload = await self.store.load(upload_id)
         if upload is None:
             raise errors.not_found()
-        if upload.owner != owner:
+        if upload.owner != owner or protocol not in (None, upload.protocol):
             raise errors.not_found()  # the same answer as a missing one: no id leaks
         if upload.gone:
             raise errors.gone(f"the upload was {upload.state}")
@@ -498,7 +499,7 @@ class Engine:
         if existing is not None and existing.owner == new.owner and not existing.gone \
                 and _same_request(existing, new):
             return existing  # the same final POST again: one file, one delivery
-        parts = [await self.get(part_id, new.owner) for part_id in new.parts]
+        parts = [await self.get(part_id, new.owner, new.protocol) for part_id in new.parts]
         if any(part.parts or part.target is not None for part in parts):
             raise errors.bad_request("only partial uploads can be concatenated")
         known = sum(part.length for part in parts if part.length is not None)

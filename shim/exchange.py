@@ -21,6 +21,7 @@ from shim.errors import ShimError
 from shim.lifecycle import State
 from shim.model import Reply, Request, Upload
 from shim.protocols import Protocol
+from shim.store import Conflict
 from shim.wire import ContentRange
 
 log = logging.getLogger("shim.exchange")
@@ -39,27 +40,28 @@ EARLY_LIMIT = 64 * 1024 * 1024
 UploadCommand = c.Append | c.Inspect | c.Cancel | c.WriteRange | c.WriteSegments
 
 
-async def _lookup(engine: e.Engine, command: UploadCommand) -> Upload | None:
-    """The upload a command names: by id (404/410/403 when it cannot have it) or by key
-    (None when there is none)."""
+async def _lookup(engine: e.Engine, command: UploadCommand, protocol: str) -> Upload | None:
+    """The upload a command names: by id (404/410 when it cannot have it; only an upload
+    `protocol` made: one protocol's URL never reaches another's upload) or by key (None
+    when there is none)."""
     if command.upload_id:
-        return await engine.get(command.upload_id, command.owner)
+        return await engine.get(command.upload_id, command.owner, protocol)
     return await engine.find(command.key, command.owner) if command.key else None
 
 
-async def _superseding(engine: e.Engine, command: c.Command) -> str | None:
+async def _superseding(engine: e.Engine, command: c.Command, protocol: str) -> str | None:
     """The upload whose running request this command ends before it starts: every write and
     cancel does, an inspection only when its protocol says so. Only the owner may end one:
     the lookup refuses anybody else before anything is interrupted."""
     if isinstance(command, c.Append | c.Cancel | c.WriteRange | c.WriteSegments) or (
             isinstance(command, c.Inspect) and command.take_over):
-        upload = await _lookup(engine, command)
+        upload = await _lookup(engine, command, protocol)
         return upload.id if upload is not None else None
     return None
 
 
-async def _required(engine: e.Engine, command: UploadCommand) -> Upload:
-    upload = await _lookup(engine, command)
+async def _required(engine: e.Engine, command: UploadCommand, protocol: str) -> Upload:
+    upload = await _lookup(engine, command, protocol)
     if upload is None:
         raise errors.not_found()
     return upload
@@ -72,6 +74,11 @@ def _resource(command: c.Command) -> str | None:
     if isinstance(command, c.Open):
         return command.new.id
     return None
+
+
+def _announced(command: c.Command) -> bool:
+    """The client was told the upload's location before its body was read (a 1xx)."""
+    return isinstance(command, c.Open) and command.interim is not None
 
 
 def _completes_at_end(command: c.Command) -> bool:
@@ -91,7 +98,7 @@ class Exchange:
         self.declined = False
         """The request turned out not to be the shim's: it passes through untouched."""
         self.created = False
-        """This request's body made the upload (a byte-range body names it only inside)."""
+        """This request made the upload: refused, it leaves nothing behind."""
         self.previous: str | None = None
         """The delivered upload a new one under the same key may repeat."""
         self._interrupt: Callable[[], object] | None = None
@@ -125,7 +132,7 @@ class Exchange:
     async def _begin_in_turn(self) -> None:
         upload_id, ticket = None, 0
         try:
-            upload_id = await _superseding(self.engine, self.command)
+            upload_id = await _superseding(self.engine, self.command, self.protocol.name)
             ticket = await self.engine.take_over(upload_id) if upload_id is not None else 0
             await self._begin()
         except ShimError as exc:
@@ -180,14 +187,19 @@ class Exchange:
             raise command.error
         if isinstance(command, c.Open):
             self.upload = await self.engine.create(command.new)
+            self.created = True
             if command.with_body:
-                self.append = await self.engine.begin_append(
-                    self.upload, 0, self.request.body_length, command.checksum,
-                    command.new.max_size)
+                try:
+                    self.append = await self.engine.begin_append(
+                        self.upload, 0, self.request.body_length, command.checksum,
+                        command.new.max_size)
+                except ShimError:
+                    await self._discard_created(self.upload)
+                    raise
         elif isinstance(command, c.Forward | c.NeedBody):
             self.declined = True
         elif isinstance(command, c.Inspect) and command.pass_if_missing:
-            found = await _lookup(self.engine, command)
+            found = await _lookup(self.engine, command, self.protocol.name)
             self.declined = found is None or found.delivered  # nothing in progress here
         elif isinstance(command, c.Append):
             await self._begin_append(command)
@@ -197,7 +209,7 @@ class Exchange:
             await self._begin_segments(command)
 
     async def _begin_append(self, command: c.Append) -> None:
-        upload = self.upload = await _required(self.engine, command)
+        upload = self.upload = await _required(self.engine, command, self.protocol.name)
         digests = await self.engine.expect_digests(upload, command.digests)
         if upload.complete and not self.request.has_body and command.offset == upload.offset:
             if command.declared_length is not None:
@@ -209,7 +221,7 @@ class Exchange:
         self.upload = self.append.upload
 
     async def _begin_segments(self, command: c.WriteSegments) -> None:
-        found = await _lookup(self.engine, command)
+        found = await _lookup(self.engine, command, self.protocol.name)
         if found is not None and command.if_none_match and not found.delivered:
             raise ShimError("precondition", "If-None-Match: * but an upload of this "
                             "resource is in progress", 412)
@@ -264,7 +276,7 @@ class Exchange:
 
     async def _range_upload(self, command: c.WriteRange) -> Upload | None:
         """The upload a range belongs to; a new one only for a range that starts at 0."""
-        upload = await _lookup(self.engine, command)
+        upload = await _lookup(self.engine, command, self.protocol.name)
         if upload is not None and command.restart and command.start == 0 and upload.receiving:
             await self.engine.terminate(upload)  # a whole new file replaces the one in progress
             upload = None
@@ -272,6 +284,7 @@ class Exchange:
         if fresh and command.start == 0 and command.new is not None:
             previous = upload.id if upload is not None else None
             upload = await self.engine.create(command.new, command.key, previous)
+            self.created = True
         elif upload is None and command.start:
             raise e.ShimError("gap", f"nothing is stored; a range must start at 0, not at "
                               f"{command.start}", 416)
@@ -382,7 +395,7 @@ class Exchange:
         if isinstance(command, c.Inspect):
             return await self._inspect(command)
         if isinstance(command, c.Cancel):
-            await self.engine.terminate(await _required(self.engine, command))
+            await self.engine.terminate(await _required(self.engine, command, self.protocol.name))
             return c.Outcome()
         if isinstance(command, c.Concatenate):
             return await self._settle(await self.engine.concatenate(command.new))
@@ -392,7 +405,7 @@ class Exchange:
                 return refused
         if self.append is not None:
             append, self.append = self.append, None
-            self.upload = await self.engine.finish_append(append)
+            self.upload = await self._finish_body(append)
             if _completes_at_end(command) and self.upload.length is None:
                 self.upload = await self.engine.declare_length(self.upload, self.upload.offset, 0)
         if self.upload is None:
@@ -407,7 +420,7 @@ class Exchange:
         return c.Outcome(listing=tuple(dict(listing).items()))
 
     async def _inspect(self, command: c.Inspect) -> c.Outcome:
-        upload = await self.engine.refresh(await _required(self.engine, command))
+        upload = await self.engine.refresh(await _required(self.engine, command, self.protocol.name))
         return await self._settle(upload, finishes_wholes=False)
 
     async def _end_segments(self, command: c.WriteSegments) -> c.Outcome | None:
@@ -418,22 +431,26 @@ class Exchange:
             self._refuse_body(exc)
         if self.error is not None:
             return c.Outcome(upload=self.upload, error=self.error)
-        if self.append is not None and self.append.failure is not None and self.created:
-            return await self._refuse_new_upload(self.append)
         return None
 
-    async def _refuse_new_upload(self, append: e.Append) -> c.Outcome:
-        """A refused body that had made a new upload leaves nothing behind: a retry starts
-        afresh (and may say If-None-Match: * again)."""
-        self.append = None
+    async def _finish_body(self, append: e.Append) -> Upload:
+        """Commit the body. A refused body that made a new upload leaves nothing behind, so a
+        retry starts afresh (and may say If-None-Match: * again), unless the client was
+        already told where the upload is (an IETF 104 gave its Location)."""
         try:
-            await self.engine.finish_append(append)
-        except ShimError as exc:
-            left = await self.engine.store.load(append.upload.id)
+            return await self.engine.finish_append(append)
+        except ShimError:
+            await self._discard_created(append.upload)
+            raise
+
+    async def _discard_created(self, upload: Upload) -> None:
+        """A refused request that made an upload leaves nothing behind (see _finish_body)."""
+        if self.created and not _announced(self.command):
+            left = await self.engine.store.load(upload.id)
             if left is not None:
-                await self.engine.store.remove(left)
-            return c.Outcome(error=exc)
-        return c.Outcome(upload=self.upload)  # pragma: no cover - a failure always raises
+                with contextlib.suppress(Conflict):
+                    await self.engine.store.remove(left)
+            self.upload = None
 
     async def _settle(self, upload: Upload, finishes_wholes: bool = True) -> c.Outcome:
         """Queue what just became complete; wait for the outcome of its delivery (never

@@ -25,6 +25,15 @@ HOP_BY_HOP = frozenset({
 """Fields that belong to one connection (RFC 9110 section 7.6.1) or to the framing the shim
 sets itself: never copied from one message to another. The project's only such list."""
 
+PROTOCOL_PREFIXES = ("tus-", "upload-")
+PROTOCOL_FIELDS = frozenset({
+    "content-range", "x-http-method-override", "content-digest", "repr-digest",
+    "want-repr-digest", "x-upload-content-type", "x-upload-content-length", "x-goog-resumable",
+})
+"""Resumable-upload fields of any protocol: whichever protocol took the request, none of
+them reaches the legacy server (a `Tus-Resumable` on a WebDAV PUT included)."""
+_VISIBLE = "".join(chr(c) for c in range(0x21, 0x7F))
+
 _FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 """RFC 9110 section 5.5: a field value is VCHAR, SP, HTAB and obs-text; any other control
 character (CR, LF and NUL among them) cannot be sent on."""
@@ -32,6 +41,7 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*"'
 _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*")
 """RFC 9110 section 8.3.1: `type "/" subtype *( OWS ";" OWS parameter )`."""
+_FIELD_NAME = re.compile(_TOKEN)
 _DOT_SEGMENTS = frozenset({"", ".", ".."})
 
 
@@ -49,16 +59,17 @@ def forwarded_fields(fields: HeaderList, protocol_prefixes: tuple[str, ...] = ()
     of the protocol; a value that is not a valid field value refuses the creation (400).
     Values are kept as received (obs-text included: `shim.upstream` writes them back byte
     for byte)."""
-    dropped = connection_fields(fields) | protocol_names
+    dropped = connection_fields(fields) | protocol_names | PROTOCOL_FIELDS
+    prefixes = PROTOCOL_PREFIXES + protocol_prefixes
     kept = []
     for name, value in fields:
+        if _FIELD_VALUE_BAD.search(value) or not _FIELD_NAME.fullmatch(name):
+            # any field, forwarded or not: a request this broken is no upload
+            raise errors.bad_request(f"the field {name!r} has a control character or is no "
+                                     "field name; it cannot be forwarded")
         lowered = name.lower()
-        if lowered in dropped or lowered.startswith(protocol_prefixes):
-            continue
-        if _FIELD_VALUE_BAD.search(value):
-            raise errors.bad_request(f"the value of {name} has a control character; "
-                                     "it cannot be forwarded")
-        kept.append((name, value))
+        if not (lowered in dropped or lowered.startswith(prefixes)):
+            kept.append((name, value))
     return tuple(kept)
 
 
@@ -94,6 +105,13 @@ def template_path(template: str, upload_id: str, values: dict[str, str]) -> str:
     return template.format_map(filled)
 
 
+def request_target(path: str) -> str:
+    """A path as an HTTP/1.1 request target (RFC 9112 section 3.2): bytes that are not
+    visible ASCII (a space, a control, UTF-8 or any other byte the client sent) are
+    percent-encoded; everything else, `%` escapes included, is kept as the client wrote it."""
+    return quote(path, safe=_VISIBLE, encoding="utf-8", errors="surrogateescape")
+
+
 def target(method: str, path: str, fields: HeaderList, *,
            protocol_prefixes: tuple[str, ...] = (), protocol_names: frozenset[str] = frozenset(),
            content_type: str | None = None, content_type_name: str = "Content-Type",
@@ -101,5 +119,5 @@ def target(method: str, path: str, fields: HeaderList, *,
            filename: str | None = None) -> Target:
     """The ONE request a finished file goes out as, checked now so that it can be sent."""
     headers = forwarded_fields(fields, protocol_prefixes, protocol_names | {"content-type"})
-    return Target(method=method, path=path, headers=headers, body=body, field=field,
+    return Target(method=method, path=request_target(path), headers=headers, body=body, field=field,
                   filename=filename, content_type=media_type(content_type, content_type_name))

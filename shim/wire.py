@@ -13,7 +13,7 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 
 def parse_length(value: str, name: str) -> int:
     """A non-negative decimal integer, as Upload-Offset and Upload-Length are (tus 1.0.0)."""
-    text = value.strip()
+    text = value.strip(" \t")  # OWS (RFC 9110 section 5.6.3), nothing else
     if not _DIGITS.fullmatch(text):
         raise errors.bad_request(f"{name} must be a non-negative integer, not {value!r}")
     return int(text)
@@ -22,6 +22,16 @@ def parse_length(value: str, name: str) -> int:
 def path_allowed(path: str, prefixes: tuple[str, ...]) -> bool:
     """Whether `path` lies under one of the configured prefixes; none configured: every path."""
     return not prefixes or any(path.startswith(prefix) for prefix in prefixes)
+
+
+def as_bytes(text: str) -> bytes:
+    """Text that came from a request (or quotes one) back to bytes: mitmproxy decodes fields
+    and paths as UTF-8 with surrogateescape, so this gives the bytes received; any other
+    lone surrogate becomes a backslash escape rather than an error."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
 
 
 def http_date(timestamp: float) -> str:
@@ -43,12 +53,12 @@ class ContentRange:
         return 0 if self.start is None or self.end is None else self.end - self.start + 1
 
 
-_CONTENT_RANGE = re.compile(r"bytes (?:(\d{1,19})-(\d{1,19})|(\*))/(?:(\d{1,19})|(\*))")
+_CONTENT_RANGE = re.compile(r"bytes (?:([0-9]{1,19})-([0-9]{1,19})|(\*))/(?:([0-9]{1,19})|(\*))")
 
 
 def parse_content_range(value: str) -> ContentRange:
     """Parse a Content-Range request field; every malformed form is a 400 naming the value."""
-    match = _CONTENT_RANGE.fullmatch(value.strip())
+    match = _CONTENT_RANGE.fullmatch(value.strip(" \t"))
     if match is None:
         raise errors.bad_request(f"malformed Content-Range {value!r}: want 'bytes S-E/TOTAL'")
     start_text, end_text, _, total_text, _ = match.groups()

@@ -26,7 +26,7 @@ from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request
 from shim.protocols import guard, replies
-from shim.wire import ContentRange, parse_content_range, path_allowed
+from shim.wire import ContentRange, as_bytes, parse_content_range, path_allowed
 
 MAX_HEADER_BLOCK = 16 * 1024
 _BOUNDARY = re.compile(r'boundary="?([^";]{1,70})"?', re.IGNORECASE)
@@ -82,7 +82,7 @@ def _decoder(media_type: str, content_type: str) -> c.BodyDecoder:
     match = _BOUNDARY.search(content_type)
     if match is None:
         raise errors.bad_request("multipart/byteranges needs a boundary parameter")
-    return MultipartDecoder(match.group(1).encode())
+    return MultipartDecoder(as_bytes(match.group(1)))
 
 
 def parse_part_head(block: bytes) -> ContentRange:
@@ -122,9 +122,10 @@ class _Reader:
 
     def take_head(self, terminator: bytes) -> bytes | None:
         end = self.pending.find(terminator)
+        # The same limit whether the block arrived in one chunk or in many.
+        if (end if end >= 0 else len(self.pending)) > MAX_HEADER_BLOCK:
+            raise errors.bad_request("a range's header block is too long")
         if end < 0:
-            if len(self.pending) > MAX_HEADER_BLOCK:
-                raise errors.bad_request("a range's header block is too long")
             return None
         block = bytes(self.pending[:end])
         del self.pending[: end + len(terminator)]

@@ -25,7 +25,7 @@ from shim.engine import Checksum, NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Answer, Reply, Request, Target, Upload
 from shim.protocols import guard, replies
-from shim.wire import path_allowed
+from shim.wire import as_bytes, path_allowed
 
 PARTIAL_UPLOAD = "application/partial-upload"
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
@@ -288,7 +288,7 @@ def _target(request: Request) -> Target:
     if media_type is not None and media_type.split(";")[0].strip().lower() == PARTIAL_UPLOAD:
         media_type = None  # tus-js-client's ietf-draft-05 mode labels the creation body so
     return targets.target(request.method, request.target, request.fields,
-                          protocol_prefixes=("upload-",), protocol_names=_PROTOCOL_FIELDS,
+                          protocol_names=_PROTOCOL_FIELDS,
                           content_type=media_type)
 
 
@@ -310,7 +310,7 @@ def _digest_field(value: str | None) -> dict[str, bytes]:
         return {}
     parsed = Dictionary()
     try:
-        parsed.parse(value.encode())
+        parsed.parse(as_bytes(value))
     except ValueError as exc:
         raise errors.bad_request(f"malformed digest field {value!r}") from exc
     found = {}
@@ -338,7 +338,7 @@ def _sf_integer(value: str, name: str) -> int:
 def _sf_item(value: str, name: str) -> object:
     item = Item()
     try:
-        item.parse(value.encode())
+        item.parse(as_bytes(value))
     except ValueError as exc:
         raise errors.bad_request(f"{name}: malformed structured field {value!r}") from exc
     return item.value
@@ -370,8 +370,8 @@ def _problem(error: ShimError, interop: Interop, base: list[tuple[str, str]],
     kind = _PROBLEMS.get(error.code, "")
     status = error.status
     appending = request.method == "PATCH"
-    if appending and (kind in ("completed-upload", "inconsistent-upload-length")
-                      or error.code == "checksum-mismatch"):
+    if error.code == "checksum-mismatch" or (
+            appending and kind in ("completed-upload", "inconsistent-upload-length")):
         status = 400  # -05 "Upload Append" and RFC 9530: not tus's 403/413/460
     extra = [("Upload-Offset", str(error.details["expected-offset"]))] \
         if "expected-offset" in error.details else []

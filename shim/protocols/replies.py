@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from shim.errors import ShimError
 from shim.model import Answer, HeaderList, Reply
 from shim.targets import connection_fields
+from shim.wire import as_bytes
 
 if TYPE_CHECKING:
     from shim.commands import Outcome
@@ -27,7 +28,7 @@ def refusal(error: ShimError, extra: HeaderList = ()) -> Reply:
 
 def text(status: int, message: str, extra: HeaderList = (), reason: str | None = None) -> Reply:
     return Reply(status, (("Content-Type", "text/plain; charset=utf-8"), *extra),
-                 f"{message}\n".encode(), reason)
+                 as_bytes(f"{message}\n"), reason)
 
 
 def final(outcome: Outcome, extra: HeaderList = (), accepted_status: int | None = None) -> Reply | None:

@@ -8,7 +8,6 @@ in docstrings refer to protocol.md.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import re
 from urllib.parse import urlsplit
@@ -20,7 +19,7 @@ from shim.engine import CHECKSUM_ALGORITHMS, Checksum, NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import HeaderList, Reply, Request, Target, Upload
 from shim.protocols import guard
-from shim.wire import http_date, parse_length
+from shim.wire import as_bytes, http_date, parse_length
 
 VERSION = "1.0.0"
 EXTENSIONS = (
@@ -113,10 +112,10 @@ class Tus:
         forward = self.config.forward
         return targets.target(
             forward.method, targets.template_path(forward.path, upload_id, metadata),
-            request.fields, protocol_prefixes=("tus-", "upload-"),
-            protocol_names=frozenset({"content-range", "x-http-method-override"}),
+            request.fields,
             content_type=metadata.get("filetype") or metadata.get("contentType"),
-            content_type_name="the filetype metadata", body=forward.body, field=forward.field,
+            content_type_name=f"the {'filetype' if metadata.get('filetype') else 'contentType'} "
+                              "metadata", body=forward.body, field=forward.field,
             filename=metadata.get("filename") or metadata.get("name"))
 
     def _parse_final(self, value: str) -> tuple[str, ...]:
@@ -259,7 +258,7 @@ def parse_metadata(value: str | None) -> dict[str, str]:
         try:
             raw = base64.b64decode(words[1], validate=True) if len(words) == 2 else b""
             metadata[key] = raw.decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # binascii.Error, UnicodeDecodeError, non-ASCII input
             raise errors.bad_request(
                 f"Upload-Metadata: the value of {key!r} is not base64 of UTF-8 text") from exc
     return metadata
@@ -282,7 +281,7 @@ def parse_checksum(request: Request) -> Checksum | None:
         raise errors.bad_request(f"Upload-Checksum: unsupported algorithm {algorithm!r}")
     try:
         digest = base64.b64decode(encoded.strip(), validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or non-ASCII input
         raise errors.bad_request("Upload-Checksum: the digest is not base64") from exc
     if len(digest) != hashlib.new(algorithm).digest_size:
         raise errors.bad_request(f"Upload-Checksum: not a {algorithm} digest")
@@ -349,8 +348,8 @@ def _delivery_failed(outcome: c.Outcome, progress: list[tuple[str, str]]) -> Rep
 def _error_reply(error: ShimError, location: str | None) -> Reply:
     headers = list(error.fields)
     if error.code == "checksum-mismatch":
-        return _reply(460, headers, f"{error.message}\n".encode(), reason="Checksum Mismatch")
-    return _reply(error.status, headers, f"{error.message}\n".encode())
+        return _reply(460, headers, as_bytes(f"{error.message}\n"), reason="Checksum Mismatch")
+    return _reply(error.status, headers, as_bytes(f"{error.message}\n"))
 
 
 def _reply(status: int, headers: list[tuple[str, str]] | HeaderList, body: bytes = b"",

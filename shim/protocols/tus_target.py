@@ -14,7 +14,7 @@ from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Upload
 from shim.protocols import guard, replies
-from shim.protocols.tus import VERSION, check_chunk_type, check_version, parse_checksum
+from shim.protocols.tus import CHUNK_TYPE, VERSION, check_chunk_type, check_version, parse_checksum
 from shim.wire import parse_length, path_allowed
 
 
@@ -65,9 +65,7 @@ class TusTarget:
         if self.config.max_size and length > self.config.max_size:
             raise errors.too_large(f"{length} bytes is more than the limit of {self.config.max_size}")
         target = targets.target("PUT", request.target, request.fields,
-                                protocol_prefixes=("tus-", "upload-"),
-                                protocol_names=frozenset({"content-range", "x-http-method-override"}),
-                                content_type=request.header("content-type"))
+                                content_type=_file_type(request.header("content-type")))
         new = NewUpload(id=new_upload_id(), protocol=self.name, owner=owner, length=length,
                         metadata={}, target=target, max_size=self.config.max_size,
                         expiration=self.config.expiration)
@@ -85,6 +83,12 @@ class TusTarget:
         if isinstance(command, c.Inspect):
             return Reply(200, (*base, *offset, *_length(upload), ("Cache-Control", "no-store")))
         return replies.final(outcome, (*base, *offset)) or Reply(204, (*base, *offset))
+
+
+def _file_type(content_type: str | None) -> str | None:
+    """The file's own media type: tus's chunk label says nothing about the file."""
+    label = (content_type or "").split(";")[0].strip().lower()
+    return None if label == CHUNK_TYPE else content_type
 
 
 def _length(upload: Upload) -> list[tuple[str, str]]:

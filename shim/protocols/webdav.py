@@ -26,7 +26,7 @@ from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.model import Reply, Request, Upload
 from shim.protocols import guard, replies
-from shim.wire import http_date, parse_content_range, path_allowed
+from shim.wire import as_bytes, http_date, parse_content_range, path_allowed
 
 ITHIT = "ithit"
 MAX_REPORT_BODY = 64 * 1024
@@ -72,7 +72,6 @@ class Webdav:
                 raise errors.bad_request("Content-Range must name the bytes this PUT carries")
             start, total, restart, size = chunk.start, chunk.total, False, chunk.size
         target = targets.target("PUT", request.target, request.fields,
-                                protocol_names=frozenset({"content-range"}),
                                 content_type=request.header("content-type"))
         new = NewUpload(id=new_upload_id(), protocol=self.name, owner=owner, length=total,
                         metadata={}, target=target, max_size=self.config.max_size,
@@ -118,7 +117,7 @@ def _multistatus(uploads: list[tuple[str, Upload]]) -> Reply:
     responses = "".join(_response(path, upload) for path, upload in sorted(uploads))
     body = ('<?xml version="1.0" encoding="utf-8"?>\n'
             f'<D:multistatus xmlns:D="DAV:" xmlns:ithit="{ITHIT}">{responses}</D:multistatus>\n')
-    return Reply(207, (("Content-Type", 'text/xml; charset="utf-8"'),), body.encode(),
+    return Reply(207, (("Content-Type", 'text/xml; charset="utf-8"'),), as_bytes(body),
                  "Multi-Status")
 
 

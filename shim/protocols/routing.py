@@ -1,0 +1,35 @@
+"""Which protocol a request is for: the rule the README states, in one pure function.
+
+The enabled protocols are asked in a fixed order; the first that recognises a request takes
+it. It must handle every upload field the request carries (`guard.announced`), or the
+request is refused (400) rather than reach the legacy server with another protocol's
+fields; a claimed request whose Host cannot be written into a URL is refused too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shim import errors
+from shim.commands import Command, Forward, NeedBody, Refuse
+from shim.model import Request
+from shim.protocols import Protocol
+from shim.protocols.guard import foreign
+
+
+def route(protocols: Sequence[Protocol], request: Request, owner: str,
+          host_ok: bool = True) -> tuple[Protocol, Command] | None:
+    """The protocol that takes `request` and the command it asks for; None: nobody takes it,
+    it goes to the legacy server untouched."""
+    for protocol in protocols:
+        command = protocol.parse(request, owner)
+        if command is None:
+            continue
+        if isinstance(command, Forward | NeedBody | Refuse):
+            return protocol, command
+        refusal = foreign(request, protocol.understands)
+        if refusal is None and not host_ok:
+            refusal = errors.bad_request("the Host field is not a valid host[:port]; nothing "
+                                         "was stored")
+        return protocol, (Refuse(refusal) if refusal is not None else command)
+    return None
