@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from shim import commands as c
-from shim.model import Request
+from shim.errors import ShimError
+from shim.model import Reply, Request
 from shim.protocols.guard import CONTENT_RANGE, TUS_LENGTH, UPLOAD_OFFSET, Guard, foreign
+from shim.protocols.routing import route
 
 
 def req(method: str, *fields: tuple[str, str]) -> Request:
@@ -70,3 +72,53 @@ def test_a_protocol_must_handle_every_upload_field_of_a_request_it_takes() -> No
     assert refusal is not None and refusal.status == 400 and "Content-Range" in refusal.message
     assert foreign(put, frozenset({CONTENT_RANGE, TUS_LENGTH})) is None
     assert refusal.code == "foreign-fields"
+
+
+# --- routing: which protocol takes a request --------------------------------------------------
+
+
+class _Claims:
+    """A protocol that takes every request with `command` and handles `understands`."""
+
+    def __init__(self, name: str, command: c.Command | None,
+                 understands: frozenset[str] = frozenset()) -> None:
+        self.name = name
+        self.command = command
+        self.understands = understands
+
+    def parse(self, request: Request, owner: str) -> c.Command | None:
+        return self.command
+
+    def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
+        return Reply(204)
+
+
+OPEN = c.Inspect("some-id", "")
+
+
+def test_the_first_protocol_that_claims_a_request_takes_it() -> None:
+    first, second = _Claims("a", None), _Claims("b", OPEN)
+    assert route([first, second, _Claims("c", OPEN)], req("GET"), "") == (second, OPEN)
+    assert route([first], req("GET"), "") is None
+
+
+def test_a_taken_request_with_a_field_its_protocol_does_not_handle_is_refused() -> None:
+    put = req("PUT", ("Content-Range", "bytes 0-1/2"))
+    protocol, command = route([_Claims("a", OPEN, frozenset({UPLOAD_OFFSET}))], put, "") or (None, None)
+    assert protocol is not None and isinstance(command, c.Refuse)
+    assert command.error.status == 400 and "Content-Range" in command.error.message
+    handled = route([_Claims("a", OPEN, frozenset({CONTENT_RANGE}))], put, "")
+    assert handled is not None and handled[1] is OPEN
+
+
+def test_a_bad_host_refuses_what_a_protocol_would_store_but_not_what_passes_through() -> None:
+    routed = route([_Claims("a", OPEN)], req("GET"), "", host_ok=False)
+    assert routed is not None and isinstance(routed[1], c.Refuse)
+    assert "Host" in routed[1].error.message and routed[1].error.status == 400
+    forward = c.Forward("DAV", "resumable-upload")  # passes through: the legacy server's
+    webdav = _Claims("a", forward)
+    assert route([webdav], req("OPTIONS"), "", host_ok=False) == (webdav, forward)
+    refusal = c.Refuse(ShimError("x", "y", 409))
+    routed = route([_Claims("a", refusal)], req("PUT", ("Content-Range", "bytes 0-1/2")), "",
+                   host_ok=False)
+    assert routed is not None and routed[1] is refusal  # the protocol's own refusal stands
