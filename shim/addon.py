@@ -49,6 +49,7 @@ from shim.wire import as_bytes
 log = logging.getLogger("shim")
 
 SWEEP_INTERVAL = 600.0
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _STATE = "shim"
 _FORWARD = "shim-forward"
 _NEEDS_BODY = "shim-needs-body"
@@ -200,6 +201,10 @@ class Shim:
             request.host_header = url.hostport(self.origin.scheme, self.origin.host, self.origin.port)
         if _has_body(request) and _NEEDS_BODY not in flow.metadata:
             request.stream = True  # constant memory whatever its size: nothing here reads it
+            framed = "content-length" in request.headers or "transfer-encoding" in request.headers
+            if not framed and request.method in _WITH_BODY:
+                # An HTTP/2 body streamed on as HTTP/1.1 needs framing mitmproxy does not add.
+                request.headers["transfer-encoding"] = "chunked"
 
     # --- hooks ----------------------------------------------------------------------------
 

@@ -60,6 +60,9 @@ class NewUpload:
     digests: dict[str, str] = field(default_factory=dict)
     account: str | None = None
     """Whom it counts against for the caps when not `owner` (see Upload.account)."""
+    asks: Target | None = None
+    """For an upload with no delivery of its own (a tus partial upload): the delivery it may
+    become part of, which `auth.preflight` asks the legacy server about."""
 
 
 @dataclass(frozen=True)
@@ -115,15 +118,26 @@ class Engine:
         record another request completed meanwhile is left as it is (409)."""
         return await self.change(upload, update=_still_receiving, **changes)
 
-    async def create(self, new: NewUpload, key: str | None = None, previous: str | None = None
-                     ) -> Upload:
-        """A new upload; `key` names it for protocols that find uploads by URL, not by id."""
+    async def admit(self, new: NewUpload, replacing: bool = False) -> None:
+        """Everything a creation must pass before anything changes, cheapest first: its
+        size, room on disk and the caps (checked again as it is saved; not while it replaces
+        an upload of the same account, whose place it takes), then the legacy server's word
+        (`auth.preflight`) on the delivery it would be, or become part of."""
         if new.max_size and new.length is not None and new.length > new.max_size:
             raise errors.too_large(f"the upload is larger than the limit of {new.max_size} bytes")
-        if self.preflight is not None and new.target is not None:
-            await self.preflight(new.target, new.length)
+        await self._check_room(_account(new), caps=not replacing)
+        asked = new.target or new.asks
+        if self.preflight is not None and asked is not None:
+            await self.preflight(asked, new.length)
+
+    async def create(self, new: NewUpload, key: str | None = None, previous: str | None = None,
+                     admitted: bool = False) -> Upload:
+        """A new upload; `key` names it for protocols that find uploads by URL, not by id.
+        `admitted`: `admit` passed already (a restart checks before it ends the old upload)."""
+        if not admitted:
+            await self.admit(new)
         async with self._creating:
-            await self._check_room(new.account if new.account is not None else new.owner)
+            await self._check_room(_account(new))
             now = self.clock()
             upload = await self.store.save(Upload(
                 id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
@@ -134,11 +148,13 @@ class Engine:
             await self.store.link(key, upload.id)
         return upload
 
-    async def _check_room(self, owner: str) -> None:
+    async def _check_room(self, owner: str, caps: bool = True) -> None:
         """Refuse a creation the shim has no room for: too little disk (507), or a cap on
         uploads in progress reached (429 + Retry-After), for this owner or for everyone."""
         if self.min_free_bytes and await self.store.free_bytes() < self.min_free_bytes:
             raise errors.insufficient_storage("the shim's disk is too full to take new uploads")
+        if not caps:
+            return
         limits = self.limits
         if limits.uploads_per_owner and \
                 await self.store.incomplete(owner) >= limits.uploads_per_owner:
@@ -682,6 +698,10 @@ class Engine:
             upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
         await self.store.remove(upload)
         self._tickets.pop(upload.id, None)
+
+
+def _account(new: NewUpload) -> str:
+    return new.account if new.account is not None else new.owner
 
 
 def check_length(upload: Upload, length: int, max_size: int) -> None:

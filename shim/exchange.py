@@ -76,7 +76,7 @@ def _resource(command: c.Command) -> str | None:
     return None
 
 
-def _announced(command: c.Command) -> bool:
+def _location_sent(command: c.Command) -> bool:
     """The client was told the upload's location before its body was read (a 1xx)."""
     return isinstance(command, c.Open) and command.interim is not None
 
@@ -109,6 +109,8 @@ class Exchange:
         self._early_bytes = 0
         self._segments: asyncio.Queue[bytes | None] | None = None
         self._segments_task: asyncio.Future[None] | None = None
+        self._queued = 0
+        """Bytes of a byte-range body waiting in the queue (at most EARLY_LIMIT)."""
 
     def _queue(self) -> None:
         """Take this request's turn on its resource (see Engine.queue_begin), once."""
@@ -238,18 +240,31 @@ class Exchange:
             upload = self.upload = await self.engine.create(command.new, command.key,
                                                             self.previous)
             self.created = True
-        if chunk.total is not None and (upload.length is None or self.append is None):
-            upload = self.upload = await self.engine.declare_length(upload, chunk.total,
-                                                                    command.max_size)
-        elif chunk.total is not None and upload.length != chunk.total:
-            raise errors.bad_request(f"the ranges disagree on the total: {chunk.total}")
+        assert chunk.start is not None
         if self.append is None:
-            assert chunk.start is not None
-            self.append = await self.engine.begin_range(upload, chunk.start, None,
-                                                        command.max_size)
-        else:
-            assert chunk.start is not None
-            self.append.seek(chunk.start)
+            try:
+                self.append = await self.engine.begin_range(upload, chunk.start, None,
+                                                            command.max_size, chunk.total)
+            except ShimError:
+                await self._discard_created(upload)
+                raise
+            return
+        if chunk.total is not None:
+            self._declare_in_body(self.append, chunk.total, command.max_size)
+        self.append.seek(chunk.start)
+
+    @staticmethod
+    def _declare_in_body(append: e.Append, total: int, max_size: int) -> None:
+        """A later range of a byte-range body names the total: it must agree with the one
+        known, and a deferred one is saved only with the body, once it is accepted."""
+        known = append.upload.length if append.upload.length is not None \
+            else append.declared_length
+        if known is not None and known != total:
+            raise errors.bad_request(f"the ranges disagree on the total: {total}")
+        check_length(append.upload, total, max_size)
+        if known is None:
+            append.declared_length = total
+            append.room = total - append.writer.start
 
     async def _begin_range(self, command: c.WriteRange) -> None:
         upload = await self._range_upload(command)
@@ -269,21 +284,30 @@ class Exchange:
                 self.upload = await self.engine.declare_length(upload, command.total,
                                                                command.max_size)
             return
-        self.append = await self.engine.begin_range(
-            upload, command.start, self.request.body_length, command.max_size, command.total)
+        try:
+            self.append = await self.engine.begin_range(
+                upload, command.start, self.request.body_length, command.max_size, command.total)
+        except ShimError:
+            await self._discard_created(upload)
+            raise
         self.append.expected = command.size
         self.upload = self.append.upload
 
     async def _range_upload(self, command: c.WriteRange) -> Upload | None:
         """The upload a range belongs to; a new one only for a range that starts at 0."""
         upload = await _lookup(self.engine, command, self.protocol.name)
-        if upload is not None and command.restart and command.start == 0 and upload.receiving:
-            await self.engine.terminate(upload)  # a whole new file replaces the one in progress
-            upload = None
+        admitted = False
+        if upload is not None and command.restart and command.start == 0 and upload.receiving \
+                and command.new is not None:
+            # A whole new file replaces the one in progress, once it is sure to be taken: a
+            # refused restart leaves the old upload as it was.
+            await self.engine.admit(command.new, replacing=True)
+            await self.engine.terminate(upload)
+            upload, admitted = None, True
         fresh = upload is None or (upload.state in _NEW_FILE_AFTER and command.start == 0)
         if fresh and command.start == 0 and command.new is not None:
             previous = upload.id if upload is not None else None
-            upload = await self.engine.create(command.new, command.key, previous)
+            upload = await self.engine.create(command.new, command.key, previous, admitted)
             self.created = True
         elif upload is None and command.start:
             raise e.ShimError("gap", f"nothing is stored; a range must start at 0, not at "
@@ -321,7 +345,11 @@ class Exchange:
     def _feed(self, data: bytes) -> None:
         command = self.command
         if isinstance(command, c.WriteSegments):
-            if self.error is None:
+            self._queued += len(data)
+            if self._queued > EARLY_LIMIT:  # its upload is still being made (a preflight)
+                self._refuse_body(ShimError("busy", "the upload was not ready for the body in "
+                                            "time", 503))
+            elif self.error is None:
                 self._segments_queue().put_nowait(data)
         elif self.append is not None:
             self.append.feed(data)
@@ -336,6 +364,7 @@ class Exchange:
     async def _work_segments(self, command: c.WriteSegments) -> None:
         assert self._segments is not None
         while (data := await self._segments.get()) is not None:
+            self._queued -= len(data)
             if self.error is not None:
                 continue
             try:
@@ -445,7 +474,7 @@ class Exchange:
 
     async def _discard_created(self, upload: Upload) -> None:
         """A refused request that made an upload leaves nothing behind (see _finish_body)."""
-        if self.created and not _announced(self.command):
+        if self.created and not _location_sent(self.command):
             left = await self.engine.store.load(upload.id)
             if left is not None:
                 with contextlib.suppress(Conflict):

@@ -38,7 +38,7 @@ _FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 """RFC 9110 section 5.5: a field value is VCHAR, SP, HTAB and obs-text; any other control
 character (CR, LF and NUL among them) cannot be sent on."""
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*"'
+_QUOTED = r'"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\U0010ffff])*"'
 _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*")
 """RFC 9110 section 8.3.1: `type "/" subtype *( OWS ";" OWS parameter )`."""
 _FIELD_NAME = re.compile(_TOKEN)
@@ -77,7 +77,7 @@ def media_type(value: str | None, name: str) -> str | None:
     """A Content-Type for the delivery, or None; anything else than a media type is 400."""
     if value is None or not value.strip():
         return None
-    if not _MEDIA_TYPE.fullmatch(value.strip()):
+    if not _MEDIA_TYPE.fullmatch(value.strip()) or _FIELD_VALUE_BAD.search(value):
         raise errors.bad_request(f"{name} must be a media type such as 'image/png', "
                                  f"not {value!r}")
     return value.strip()

@@ -20,8 +20,39 @@ def parse_length(value: str, name: str) -> int:
 
 
 def path_allowed(path: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether `path` lies under one of the configured prefixes; none configured: every path."""
-    return not prefixes or any(path.startswith(prefix) for prefix in prefixes)
+    """Whether `path` lies under one of the configured prefixes; none configured: every path.
+    Dot segments are resolved first (RFC 3986 section 5.2.4; `%2e` is a dot, section 2.3),
+    since the legacy server resolves them: `/only/../elsewhere` is not under `/only/`."""
+    if not prefixes:
+        return True
+    resolved = _without_dot_segments(path)
+    return any(resolved.startswith(prefix) for prefix in prefixes)
+
+
+_DOT = re.compile("%2e", re.IGNORECASE)
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether a path has a `.` or `..` segment, `%2e` counted as a dot (RFC 3986 2.3)."""
+    return any(segment in (".", "..") for segment in _DOT.sub(".", path).split("/"))
+
+
+def _without_dot_segments(path: str) -> str:
+    kept: list[str] = []
+    segments = _DOT.sub(".", path).split("/")
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == "..":
+            if len(kept) > 1:
+                kept.pop()
+            if last:
+                kept.append("")
+        elif segment == ".":
+            if last:
+                kept.append("")
+        else:
+            kept.append(segment)
+    return "/".join(kept)
 
 
 def as_bytes(text: str) -> bytes:

@@ -31,6 +31,10 @@ PARTIAL = [
     (Request("PUT", "/f", "range=*/*", (), 0), "range="),
     (req("PUT", ("Expect", "100-continue, Range"), ("Range", "bytes 0-9/10")), "Expect: Range"),
     (req("PUT", ("Expect", "100-continue,range")), "Expect: Range"),
+    (req("GET", ("X-HTTP-Method-Override", "put"), ("Content-Range", "bytes 0-9/10")), "Content-Range"),
+    (req("POST", ("X-HTTP-Method-Override", "PATCH"), ("Content-Type", "message/byteranges")),
+     "byteranges"),
+    (req("DELETE", ("X-HTTP-Method-Override", "PUT"), ("Upload-Complete", "?0")), "Upload-Complete"),
 ]
 
 
@@ -54,6 +58,7 @@ def test_pass_through_lets_an_operator_forward_them(request_: Request, named: st
     req("PATCH", ("Content-Type", "application/json")),
     req("GET", ("Upload-Offset", "3")),
     req("GET", ("Content-Range", "bytes 0-9/10")),
+    req("PUT", ("X-HTTP-Method-Override", "GET"), ("Content-Range", "bytes 0-9/10")),
     req("HEAD", ("Tus-Resumable", "1.0.0")),
     req("PUT", ("Expect", "100-continue")),
     Request("PUT", "/f", "ranges=0-9/10&orange=0-9/10", (), 10),
@@ -122,3 +127,14 @@ def test_a_bad_host_refuses_what_a_protocol_would_store_but_not_what_passes_thro
     routed = route([_Claims("a", refusal)], req("PUT", ("Content-Range", "bytes 0-1/2")), "",
                    host_ok=False)
     assert routed is not None and routed[1] is refusal  # the protocol's own refusal stands
+
+
+@pytest.mark.parametrize("path", ["/only/./f", "/only/../f", "/only/%2e%2E/f", "/a/.", "/a/.."])
+def test_a_claimed_request_with_a_dot_segment_is_refused(path: str) -> None:
+    """The shim delivers to the path as written; a `.`/`..` segment would let the client
+    steer where the legacy server stores the file."""
+    claims = _Claims("a", OPEN)
+    routed = route([claims], Request("PUT", path, "", (), 5), "")
+    assert routed is not None and isinstance(routed[1], c.Refuse)
+    assert "dot segment" in routed[1].error.message
+    assert route([claims], Request("PUT", "/only/..f/.x", "", (), 5), "") == (claims, OPEN)

@@ -32,8 +32,8 @@ _RANGE_VALUE = re.compile(r"(?:[0-9]+-[0-9]+|\*)/(?:[0-9]+|\*)")
 
 CONTENT_RANGE = "Content-Range"
 UPLOAD_OFFSET = "Upload-Offset"
-UPLOAD_COMPLETE = "Upload-Complete: ?0"
-TUS_LENGTH = "Tus-Resumable with Upload-Length"
+UPLOAD_COMPLETE = "Upload-Complete: ?0 (or Upload-Incomplete: ?1)"
+TUS_LENGTH = "Tus-Resumable with Upload-Length (or Upload-Defer-Length)"
 BYTERANGES = "a byteranges Content-Type"
 RANGE_QUERY = "a range=S-E/TOTAL query parameter"
 EXPECT_RANGE = "Expect: Range"
@@ -41,20 +41,23 @@ EXPECT_RANGE = "Expect: Range"
 
 def announced(request: Request) -> list[str]:
     """The upload fields of `request`, named for a person: the forms of seeds 000-004, tus,
-    the IETF draft and Google's sessions that make a body a part of a file."""
+    the IETF draft and Google's sessions that make a body a part of a file. The method is
+    the one X-HTTP-Method-Override names, if any: frameworks such as Rails and Express
+    honour it, so a GET overridden to PUT is a PUT to the legacy server."""
+    method = (request.header("x-http-method-override") or request.method).strip().upper()
     found = []
-    if request.method in _WITH_BODY and request.header("content-range") is not None:
+    if method in _WITH_BODY and request.header("content-range") is not None:
         found.append(CONTENT_RANGE)
-    if request.method in _WITH_BODY and request.header("upload-offset") is not None:
+    if method in _WITH_BODY and request.header("upload-offset") is not None:
         found.append(UPLOAD_OFFSET)
-    if request.method in _WITH_BODY and _partial_ietf(request):
+    if method in _WITH_BODY and _partial_ietf(request):
         found.append(UPLOAD_COMPLETE)
     if request.header("tus-resumable") is not None and (
             request.header("upload-length") is not None
             or request.header("upload-defer-length") is not None):
         found.append(TUS_LENGTH)
     media_type = (request.header("content-type") or "").split(";")[0].strip().lower()
-    if request.method == "PATCH" and media_type in _BYTERANGES:
+    if method == "PATCH" and media_type in _BYTERANGES:
         found.append(BYTERANGES)
     if any(name == "range" and _RANGE_VALUE.fullmatch(value.strip())
            for name, value in parse_qsl(request.query, keep_blank_values=True)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import string
 from urllib.parse import urlsplit
 
 from shim import commands as c
@@ -102,10 +103,19 @@ class Tus:
              partial: bool = False, parts: tuple[str, ...] = ()) -> NewUpload:
         upload_id = new_upload_id()
         target = None if partial else self.target(request, upload_id, metadata)
+        asks = self._part_target(request, upload_id, metadata) if partial else None
         return NewUpload(
             id=upload_id, protocol=self.name, owner=owner, length=length, metadata=metadata, target=target,
             max_size=self.config.max_size, expiration=self.config.expiration, parts=parts,
+            asks=asks,
         )
+
+    def _part_target(self, request: Request, upload_id: str, metadata: dict[str, str]) -> Target:
+        """What a partial upload's preflight asks about: the delivery a final upload of it
+        would be, with the part's own id for any placeholder its metadata lacks."""
+        names = {name for _, name, _, _ in string.Formatter().parse(self.config.forward.path)
+                 if name}
+        return self.target(request, upload_id, {name: upload_id for name in names} | metadata)
 
     def target(self, request: Request, upload_id: str, metadata: dict[str, str]) -> Target:
         """The delivery request (tus.forward.*) with the creating request's own headers."""
@@ -123,7 +133,10 @@ class Tus:
         _, _, urls = value.partition(";")
         ids = []
         for url in urls.split():
-            upload_id = self._upload_id(urlsplit(url).path)
+            try:
+                upload_id = self._upload_id(urlsplit(url).path)
+            except ValueError:  # urlsplit: "Invalid IPv6 URL" and the like
+                upload_id = None
             if not upload_id:
                 raise errors.bad_request(f"Upload-Concat names {url!r}, which is not an upload here")
             ids.append(upload_id)
