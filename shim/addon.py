@@ -116,7 +116,8 @@ class Shim:
         limits = config.limits
         auth = config.auth
         preflight = None if auth.preflight == "none" else Preflight(
-            auth.preflight, origin, auth.url, auth.timeout, not ctx.options.ssl_insecure).check
+            auth.preflight, origin, auth.url, auth.timeout, not ctx.options.ssl_insecure,
+            auth.expect_wait).check
         self.engine = Engine(store, outbox, config.storage.min_free_bytes, limits=Limits(
             uploads_per_owner=limits.uploads_per_owner, uploads_total=limits.uploads_total),
             preflight=preflight)
@@ -336,10 +337,13 @@ class Shim:
         """Ask the protocol again, now with the body; None leaves the request untouched."""
         assert self.engine is not None
         try:
-            request = replace(self._model(flow)[0], body=flow.request.content or b"")
-            command = protocol.parse(request, _owner(request, self.config.owner_header))
-            if command is None or isinstance(command, NeedBody):
+            request, host_ok = self._model(flow)
+            request = replace(request, body=flow.request.content or b"")
+            routed = route([protocol], request, _owner(request, self.config.owner_header),
+                           host_ok)
+            if routed is None or isinstance(routed[1], NeedBody):
                 return
+            command = routed[1]
             exchange = Exchange(self.engine, protocol, request, command)
             flow.metadata[_STATE] = _FlowState(exchange)
             await exchange.begin()
@@ -478,8 +482,7 @@ def _has_body(request: http.Request) -> bool:
 def _owner(request: Request, header: str) -> str:
     """Who may touch an upload: a digest of the credentials that created it (or none)."""
     value = request.header(header) if header else None
-    # surrogateescape: the bytes as received, whatever they are (mitmproxy's decoding)
-    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest() if value else ""
+    return hashlib.sha256(as_bytes(value)).hexdigest() if value else ""
 
 
 def _to_response(reply: Reply, method: str) -> http.Response:

@@ -61,7 +61,7 @@ class Append:
         """A deferred length this request declares (tus creation-defer-length): saved with
         the offset once the body is accepted, never by a refused request."""
         self.expected: int | None = None
-        """The body's size by its headers (a Content-Range), when they say; see `ended_short`."""
+        """The body's size by its headers (a Content-Range), when they say; see `check_size`."""
         self.received = 0
         """Body bytes fed so far, compared ones included."""
 

@@ -168,6 +168,9 @@ class AuthConfig:
     url: str = ""
     """For `url`: the absolute URL a GET with the client's credentials is sent to."""
     timeout: float = 10.0
+    expect_wait: float = 1.0
+    """For `expect`: seconds to wait for 100 Continue or a final answer; silence after it
+    counts as "go ahead" (RFC 9110 section 10.1.1: many servers ignore Expect)."""
 
 
 @dataclass(frozen=True)
@@ -288,14 +291,15 @@ def _check(config: Config) -> None:
     ):
         if number < 0:
             raise ConfigError(f"{key}: must not be negative, not {number}")
-    for key, seconds in (("upstream.timeout", config.upstream.timeout),
+    for key, positive in (("upstream.timeout", config.upstream.timeout),
                          ("delivery.wait", config.delivery.wait),
                          ("delivery.give_up_after", config.delivery.give_up_after),
                          ("limits.header_bytes", config.limits.header_bytes),
                          ("limits.client_timeout", config.limits.client_timeout),
-                         ("auth.timeout", config.auth.timeout)):
-        if seconds <= 0:
-            raise ConfigError(f"{key}: must be positive, not {seconds}")
+                         ("auth.timeout", config.auth.timeout),
+                         ("auth.expect_wait", config.auth.expect_wait)):
+        if positive <= 0:
+            raise ConfigError(f"{key}: must be positive, not {positive}")
     if not config.tus.forward.field:
         raise ConfigError("tus.forward.field: must not be empty")
     if config.public_url and not _is_origin(config.public_url):

@@ -269,9 +269,8 @@ class Engine:
             raise ShimError("completed", "the upload is already complete", 403)
         if declared_length is not None:
             check_length(upload, declared_length, max_size)
-        append = await self._open(upload, upload.offset, body_length, checksum, max_size,
-                                  digests, declared_length)
-        return append
+        return await self._open(upload, upload.offset, body_length, checksum, max_size,
+                                digests, declared_length)
 
     async def begin_range(self, upload: Upload, start: int, body_length: int | None,
                           max_size: int = 0, declared_length: int | None = None) -> Append:

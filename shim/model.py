@@ -27,8 +27,8 @@ class Request:
     body: bytes | None = None
     """The whole body, only for the small bodies a protocol asked to see (`NeedBody`)."""
     origin: str = ""
-    """`scheme://host[:port]` as the client addressed the shim, for absolute URLs; "" if
-    the request named no host."""
+    """`scheme://host[:port]` for the absolute URLs the shim writes: `public_url`, else as
+    the client addressed the shim; "" if the request named no (valid) host."""
 
     def absolute(self, path: str) -> str:
         """An absolute URL on the shim for `path` (a relative one when the host is unknown)."""

@@ -28,9 +28,10 @@ import h11
 from shim.errors import ShimError
 from shim.model import Answer, HeaderList, Target
 from shim.targets import HOP_BY_HOP, connection_fields
-from shim.upstream import Origin, Upstream
+from shim.upstream import Framing, Origin, Upstream
+from shim.wire import as_bytes
 
-__all__ = ["EXPECT_WAIT", "MAX_ANSWER_BODY", "PreflightUnavailable", "ask_expect", "ask_url"]
+__all__ = ["EXPECT_WAIT", "MAX_ANSWER_BODY", "Preflight", "PreflightUnavailable", "ask_expect", "ask_url"]
 
 MAX_ANSWER_BODY = 64 * 1024
 """A refusal's body is relayed up to this size; the rest is never read (it would cost the shim
@@ -115,6 +116,8 @@ async def ask_expect(origin: Origin, method: str, path: str, headers: HeaderList
         status = response.status_code
         if status == 100 or 200 <= status < 300 or (status == 411 and chunked):
             return None
+        if not 400 <= status < 500:  # a 3xx or 5xx says nothing about this client
+            raise PreflightUnavailable(f"{origin.authority} answered the preflight {status}")
         return await _answer(response, conn, reader, timeout)
     finally:
         await _close(writer)
@@ -172,8 +175,8 @@ def _fields(headers: HeaderList) -> list[tuple[bytes, bytes]]:
     mitmproxy hands header text over decoded as UTF-8 with surrogate escapes; encoding it back
     the same way forwards obs-text (RFC 9110 section 5.5) byte for byte."""
     dropped = connection_fields(headers)
-    return [(name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
-            for name, value in headers if name.lower() not in dropped]
+    return [(as_bytes(name), as_bytes(value)) for name, value in headers
+            if name.lower() not in dropped]
 
 
 def _request(method: str, target: str, headers: list[tuple[bytes, bytes]]) -> h11.Request:
@@ -261,20 +264,28 @@ class Preflight:
     would take this file from this client; its refusal is the client's answer."""
 
     def __init__(self, mode: str, origin: Origin, url: str, timeout: float,
-                 verify_tls: bool = True) -> None:
+                 verify_tls: bool = True, expect_wait: float = EXPECT_WAIT) -> None:
         self.mode = mode
         self.origin = origin
         self.url = url
         self.timeout = timeout
         self.verify_tls = verify_tls
+        self.expect_wait = expect_wait
 
     async def check(self, target: Target, length: int | None) -> None:
         """Raise ShimError with the legacy server's refusal (its status, WWW-Authenticate
         and body), or 503 when it gives no verdict; return when it allows the upload."""
         try:
             if self.mode == "expect":
-                answer = await ask_expect(self.origin, target.method, target.path,
-                                          target.headers, length, self.timeout, self.verify_tls)
+                # The head of the delivery to come: its Content-Type and framed length.
+                framing = Framing.for_target(target)
+                framed = None if length is None else \
+                    len(framing.head) + length + len(framing.tail)
+                fields = (*target.headers, *((("Content-Type", framing.content_type),)
+                                             if framing.content_type else ()))
+                answer = await ask_expect(self.origin, target.method, target.path, fields,
+                                          framed, self.timeout, self.verify_tls,
+                                          self.expect_wait)
             else:
                 answer = await ask_url(self.url, target.headers, self.timeout, self.verify_tls)
         except (PreflightUnavailable, ValueError) as exc:
@@ -282,9 +293,14 @@ class Preflight:
                             f"whether it takes this upload: {exc}", 503,
                             {"Retry-After": 10}) from exc
         if answer is not None:
-            # Capitalised: ShimError carries response fields under capitalised keys.
-            fields = {k.title(): v for k, v in answer.headers if k.lower() in _RELAYED}
+            # Capitalised: ShimError carries response fields under capitalised keys; repeated
+            # ones (several WWW-Authenticate challenges) joined (RFC 9110 section 5.3).
+            relayed: dict[str, str] = {}
+            for name, value in answer.headers:
+                if name.lower() in _RELAYED:
+                    key = name.title()
+                    relayed[key] = f"{relayed[key]}, {value}" if key in relayed else value
             text = answer.body.decode("utf-8", "replace").strip()
             raise ShimError("preflight-refused", text or f"the legacy server refused this "
                             f"upload: {answer.status} {answer.reason}", answer.status,
-                            dict(fields))
+                            dict(relayed))

@@ -18,6 +18,7 @@ import h11
 
 from shim.model import Answer, HeaderList, Target
 from shim.targets import HOP_BY_HOP
+from shim.wire import as_bytes
 
 MAX_ANSWER_BODY = 1024 * 1024
 SEND_BUFFER = 256 * 1024
@@ -83,12 +84,6 @@ class Framing:
         )
         tail = f"\r\n--{boundary}--\r\n"
         return cls(f"multipart/form-data; boundary={boundary}", head.encode(), tail.encode())
-
-
-def _wire(text: str) -> bytes:
-    """A field as it came from the client: mitmproxy decodes fields as UTF-8 with
-    surrogateescape, so this gives back the bytes received, obs-text included."""
-    return text.encode("utf-8", "surrogateescape")
 
 
 # The WHATWG HTML form encoding's escapes for names and filenames in multipart/form-data.
@@ -183,7 +178,7 @@ class Upstream:
             headers.append(("Content-Type", framing.content_type))
         headers += [(k, v) for k, v in (*target.headers, *extra)
                     if k.lower() not in _MANAGED_HEADERS]
-        return [(_wire(k), _wire(v)) for k, v in headers]
+        return [(as_bytes(k), as_bytes(v)) for k, v in headers]  # obs-text as received
 
     async def _put(self, writer: asyncio.StreamWriter, data: bytes | None) -> None:
         if data:

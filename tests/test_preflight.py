@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from shim.model import Answer
-from shim.preflight import MAX_ANSWER_BODY, PreflightUnavailable, ask_expect, ask_url
+from shim.errors import ShimError
+from shim.model import Answer, Target
+from shim.preflight import MAX_ANSWER_BODY, Preflight, PreflightUnavailable, ask_expect, ask_url
 from shim.upstream import Origin
 
 DEADLINE = 10.0
@@ -526,3 +527,39 @@ def test_https_auth_url_without_verification(tmp_path: Path) -> None:
             assert isinstance(denied, Answer) and denied.status == 403
     run(body)
 
+
+
+@pytest.mark.parametrize(("status", "reason"), [(302, "Found"), (500, "Internal Server Error"),
+                                                (503, "Service Unavailable")])
+def test_a_3xx_or_5xx_to_the_head_is_no_verdict(status: int, reason: str) -> None:
+    """Only a 4xx says something about this client; a redirect or a server error is the
+    legacy server being unable to judge (the shim answers 503), as in url mode."""
+    async def body() -> None:
+        async with Legacy(lambda seen: response(status, reason, b"later\n")) as legacy:
+            with pytest.raises(PreflightUnavailable):
+                await ask_expect(legacy.origin, "PUT", "/x", (), 5, TIMEOUT)
+    run(body)
+
+
+def test_the_preflight_relays_every_challenge_and_asks_with_the_deliverys_head() -> None:
+    """Preflight.check: the head is the delivery's (its multipart Content-Type and framed
+    length); a refusal keeps all its WWW-Authenticate challenges (RFC 9110 section 11.6.1)."""
+    def refuse(seen: Seen) -> bytes:
+        return response(401, "Unauthorized", b"no\n", "WWW-Authenticate: Basic realm=a",
+                        "WWW-Authenticate: Bearer realm=b", "X-Other: dropped")
+
+    async def body() -> None:
+        async with Legacy(refuse) as legacy:
+            check = Preflight("expect", legacy.origin, "", TIMEOUT, expect_wait=TIMEOUT).check
+            target = Target("POST", "/in/f", (("Authorization", "Bearer bob"),),
+                            body="multipart", filename="f.bin")
+            with pytest.raises(ShimError) as refused:
+                await check(target, 1000)
+            assert refused.value.status == 401 and refused.value.message == "no"
+            assert dict(refused.value.fields) == {
+                "Www-Authenticate": "Basic realm=a, Bearer realm=b"}
+            [seen] = await legacy.finished()
+            content_type = seen.header("Content-Type") or ""
+            assert content_type.startswith("multipart/form-data; boundary=")
+            assert int(seen.header("Content-Length") or 0) > 1000  # the part's framing too
+    run(body)

@@ -23,9 +23,6 @@ from shim.wire import ContentRange, format_range, parse_content_range, parse_len
 
 RESUME_INCOMPLETE = "Resume Incomplete"
 SESSION_PARAM = "upload_id"
-_PROTOCOL_FIELDS = frozenset({
-    "content-range", "x-upload-content-type", "x-upload-content-length", "x-goog-resumable",
-})
 
 
 class ContentRangeProtocol:
@@ -149,7 +146,6 @@ def _target(request: Request, method: str, path: str | None = None,
             content_type: str | None = None) -> Target:
     return targets.target(method, path or request.target, request.fields,
                           protocol_prefixes=("x-goog-", "x-guploader-"),
-                          protocol_names=_PROTOCOL_FIELDS,
                           content_type=content_type or request.header("content-type"))
 
 

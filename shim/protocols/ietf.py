@@ -67,7 +67,6 @@ VERSIONS = {
     7: Interop(7, "-06..-08", False, PARTIAL_UPLOAD, 204, "max-age", True, False),
     8: Interop(8, "-09..-11", False, PARTIAL_UPLOAD, 204, "max-age", True, True),
 }
-_PROTOCOL_FIELDS = frozenset({"content-digest", "repr-digest", "want-repr-digest"})
 _DIGESTS = {"sha-256": "sha256", "sha-512": "sha512"}
 
 
@@ -288,7 +287,6 @@ def _target(request: Request) -> Target:
     if media_type is not None and media_type.split(";")[0].strip().lower() == PARTIAL_UPLOAD:
         media_type = None  # tus-js-client's ietf-draft-05 mode labels the creation body so
     return targets.target(request.method, request.target, request.fields,
-                          protocol_names=_PROTOCOL_FIELDS,
                           content_type=media_type)
 
 
