@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from shim.errors import ShimError
-from shim.targets import connection_fields, forwarded_fields, media_type, target, template_path
+from shim.targets import (
+    connection_fields,
+    forwarded_fields,
+    media_type,
+    request_target,
+    target,
+    template_path,
+)
 
 UPLOAD_ID = "shim-id-123"
 
@@ -106,3 +113,14 @@ def test_target_puts_it_together_and_never_forwards_the_clients_content_type() -
         "image/png", "multipart", "doc", "f.png")
     assert refusal(target, "PUT", "/x", (), content_type="nope", content_type_name="Z"
                    ).message.startswith("Z must be")
+
+
+@pytest.mark.parametrize(("path", "wire"), [
+    ("/in/a b", "/in/a%20b"), ("/in/\u00e9", "/in/%C3%A9"), ("/in/\udcff", "/in/%FF"),
+    ("/in/%41?x=1&y=%20", "/in/%41?x=1&y=%20"), ("/in/\x00\x7f", "/in/%00%7F"),
+])
+def test_a_delivery_path_is_a_valid_request_target(path: str, wire: str) -> None:
+    """RFC 9112 section 3.2: only visible ASCII; the rest percent-encoded from the bytes the
+    client sent, escapes it wrote kept as written."""
+    assert request_target(path) == wire
+    assert target("PUT", path, ()).path == wire
