@@ -92,6 +92,7 @@ class _Claims:
         self.understands = understands
 
     def parse(self, request: Request, owner: str) -> c.Command | None:
+        self.asked = (request, owner)
         return self.command
 
     def render(self, request: Request, command: c.Command, outcome: c.Outcome) -> Reply:
@@ -102,8 +103,10 @@ OPEN = c.Inspect("some-id", "")
 
 
 def test_the_first_protocol_that_claims_a_request_takes_it() -> None:
-    first, second = _Claims("a", None), _Claims("b", OPEN)
-    assert route([first, second, _Claims("c", OPEN)], req("GET"), "") == (second, OPEN)
+    first, second, third = _Claims("a", None), _Claims("b", OPEN), _Claims("c", OPEN)
+    get = req("GET")
+    assert route([first, second, third], get, "alice") == (second, OPEN)
+    assert first.asked == second.asked == (get, "alice") and not hasattr(third, "asked")
     assert route([first], req("GET"), "") is None
 
 
