@@ -209,26 +209,38 @@ def load(path: str | Path | None) -> Config:
 
 
 def from_dict(raw: object) -> Config:
-    config = _build(Config, raw, "")
-    _check(config)
+    """The validated config; ConfigError lists every problem at once, one line each."""
+    problems: list[str] = []
+    config = _build(Config, raw, "", problems)  # a bad value is left at its default...
+    _check(config, problems)  # ...so the rules between values can still be checked
+    if problems:
+        raise ConfigError("\n".join(problems))
     return config
 
 
-def _build[T](cls: type[T], raw: object, prefix: str) -> T:
+def _build[T](cls: type[T], raw: object, prefix: str, problems: list[str]) -> T:
+    """`cls` from `raw`; a key that is unknown or has a bad value is reported in `problems`
+    and left at its default, so that the rest is still checked."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping")
+        problems.append(f"{prefix.rstrip('.') or 'config'}: must be a mapping")
+        return cls()
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for key in raw:
+    values = {}
+    for key, value in raw.items():
         if key not in known:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
-    values = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
+            problems.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+            continue
+        try:
+            values[key] = _convert(hints[key], value, f"{prefix}{key}", problems)
+        except ConfigError as exc:
+            problems.append(str(exc))
     return cls(**values)
 
 
-def _convert(hint: Any, value: object, key: str) -> object:
+def _convert(hint: Any, value: object, key: str, problems: list[str]) -> object:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.")  # type: ignore[arg-type]
+        return _build(hint, value, f"{key}.", problems)  # type: ignore[arg-type]
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -252,12 +264,15 @@ def _convert(hint: Any, value: object, key: str) -> object:
     return value
 
 
-def _check(config: Config) -> None:
+def _check(config: Config, problems: list[str]) -> None:
     """Rules between values that types alone cannot say."""
     endpoint = config.tus.endpoint
     if not endpoint.startswith("/") or not endpoint.endswith("/"):
-        raise ConfigError(f"tus.endpoint: must start and end with '/', not {endpoint!r}")
-    _check_template("tus.forward.path", config.tus.forward.path)
+        problems.append(f"tus.endpoint: must start and end with '/', not {endpoint!r}")
+    try:
+        _check_template("tus.forward.path", config.tus.forward.path)
+    except ConfigError as exc:
+        problems.append(str(exc))
     for key, prefixes in (("content_range.paths", config.content_range.paths),
                           ("ietf.paths", config.ietf.paths),
                           ("tus_target.paths", config.tus_target.paths),
@@ -266,14 +281,14 @@ def _check(config: Config) -> None:
                           ("webdav.paths", config.webdav.paths)):
         for prefix in prefixes:
             if not prefix.startswith("/"):
-                raise ConfigError(f"{key}: {prefix!r} must start with '/'")
+                problems.append(f"{key}: {prefix!r} must start with '/'")
     ietf = config.ietf
     if not ietf.prefix.startswith("/") or not ietf.prefix.endswith("/"):
-        raise ConfigError(f"ietf.prefix: must start and end with '/', not {ietf.prefix!r}")
+        problems.append(f"ietf.prefix: must start and end with '/', not {ietf.prefix!r}")
     unknown = set(ietf.versions) - SUPPORTED_INTEROP_VERSIONS
     if unknown:
-        raise ConfigError(f"ietf.versions: {sorted(unknown)} not supported "
-                          f"(supported: {sorted(SUPPORTED_INTEROP_VERSIONS)})")
+        problems.append(f"ietf.versions: {sorted(unknown)} not supported "
+                        f"(supported: {sorted(SUPPORTED_INTEROP_VERSIONS)})")
     for key, number in (
         ("content_range.max_size", config.content_range.max_size),
         ("content_range.expiration", config.content_range.expiration),
@@ -290,7 +305,7 @@ def _check(config: Config) -> None:
         ("limits.uploads_total", config.limits.uploads_total),
     ):
         if number < 0:
-            raise ConfigError(f"{key}: must not be negative, not {number}")
+            problems.append(f"{key}: must not be negative, not {number}")
     for key, positive in (("upstream.timeout", config.upstream.timeout),
                          ("delivery.wait", config.delivery.wait),
                          ("delivery.give_up_after", config.delivery.give_up_after),
@@ -299,14 +314,14 @@ def _check(config: Config) -> None:
                          ("auth.timeout", config.auth.timeout),
                          ("auth.expect_wait", config.auth.expect_wait)):
         if positive <= 0:
-            raise ConfigError(f"{key}: must be positive, not {positive}")
+            problems.append(f"{key}: must be positive, not {positive}")
     if not config.tus.forward.field:
-        raise ConfigError("tus.forward.field: must not be empty")
+        problems.append("tus.forward.field: must not be empty")
     if config.public_url and not _is_origin(config.public_url):
-        raise ConfigError(f"public_url: must be scheme://host[:port] with no path, "
-                          f"not {config.public_url!r}")
+        problems.append(f"public_url: must be scheme://host[:port] with no path, "
+                        f"not {config.public_url!r}")
     if config.auth.preflight == "url" and not _is_origin(config.auth.url, path=True):
-        raise ConfigError(f"auth.url: preflight 'url' needs an http(s) URL, not {config.auth.url!r}")
+        problems.append(f"auth.url: preflight 'url' needs an http(s) URL, not {config.auth.url!r}")
 
 
 def _is_origin(value: str, path: bool = False) -> bool:

@@ -68,3 +68,16 @@ def test_unreadable_or_broken_files_are_refused(tmp_path: Path) -> None:
     broken.write_text("tus: [unclosed\n")
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(broken)
+
+
+def test_every_error_is_reported_at_once_one_line_each() -> None:
+    """A config with several mistakes names each of them, so that one run fixes them all."""
+    raw = {"tus": {"endpoint": "files", "max_size": "big", "colour": "red"},
+           "storage": {"fsync": "yes"}, "limits": {"header_bytes": 0}, "nonsense": 1,
+           "public_url": "https://x.example/path"}
+    with pytest.raises(config.ConfigError) as refused:
+        config.from_dict(raw)
+    lines = str(refused.value).splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == sorted([
+        "tus.endpoint", "tus.max_size", "tus.colour", "storage.fsync", "limits.header_bytes",
+        "nonsense", "public_url"])
