@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -53,9 +54,27 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on, or None; checked before anything starts, so a
+    busy port is one line and not mitmproxy's advice in its own syntax."""
+    if port == 0:
+        return None
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 async def serve(args: argparse.Namespace) -> int:
     setup_logging()
     host, port = split_listen(args.listen)
+    busy = port_taken(host, port)
+    if busy is not None:
+        print(f"shim: refusing to start: cannot listen on {args.listen}: {busy}", file=sys.stderr)
+        return 2
     demo = None
     upstream = args.upstream
     if not upstream:

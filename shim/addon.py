@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from functools import partial
@@ -27,7 +28,7 @@ from shim import config as shim_config
 from shim.commands import Command, Forward, NeedBody
 from shim.engine import WRITE_LEASE_TTL, Engine, Limits, every
 from shim.exchange import Exchange
-from shim.local_store import LocalStore
+from shim.local_store import FolderInUse, LocalStore, claim_folder
 from shim.mitm import answer_early, close_client, limit_request_heads, send_interim
 from shim.model import Reply, Request
 from shim.outbox import DeliveryPolicy, Outbox
@@ -103,10 +104,10 @@ class Shim:
         except shim_config.ConfigError as exc:
             raise exceptions.OptionsError(f"shim_config: {exc}") from exc
         origin = _reverse_origin(ctx.options.mode)
+        store = self._open_store(config.storage)
         self.config = config
         if self.store is not None:
             _close_later(self.store)
-        store = LocalStore(config.storage.dir, fsync=config.storage.fsync)
         upstream = Upstream(origin, config.upstream.timeout, not ctx.options.ssl_insecure)
         delivery = config.delivery
         outbox = Outbox(store, upstream, DeliveryPolicy(
@@ -124,8 +125,22 @@ class Shim:
         self.protocols = _protocols(config)
         self.origin = origin
         self._config_path = path
-        log.info("shim: storing uploads in %s, delivering to %s", store.directory,
-                 origin.authority)
+        for line in _banner(config, origin, store.directory):
+            log.info("shim: %s", line)
+
+    def _open_store(self, storage: shim_config.StorageConfig) -> LocalStore:
+        """The store on `storage.dir`, which this process takes for itself first; anything
+        that makes the folder unusable is one line that names it, and the shim does not
+        start (or keeps its current store on a reload)."""
+        folder = os.path.realpath(storage.dir)
+        try:
+            claim_folder(folder)
+            return LocalStore(folder, fsync=storage.fsync)
+        except FolderInUse as exc:
+            raise exceptions.OptionsError(f"storage.dir: {exc}") from exc
+        except OSError as exc:
+            raise exceptions.OptionsError(
+                f"storage.dir: cannot use {folder}: {exc.strerror or exc}") from exc
 
     async def running(self) -> None:
         # Each client connection gets its server connection to the sink at once (see
@@ -410,6 +425,32 @@ def _protocols(config: shim_config.Config) -> list[Protocol]:
         enabled.append(Byteranges(config.byteranges))
     enabled.append(Guard(config.guard.pass_through))
     return enabled
+
+
+def _banner(config: shim_config.Config, origin: Origin, folder: object) -> list[str]:
+    """What the shim does, where: for the person who just started it."""
+    def where(paths: tuple[str, ...]) -> str:
+        return "under " + ", ".join(paths) if paths else "on any path"
+
+    lines = [f"delivering whole files to {origin.scheme}://{origin.authority}",
+             f"keeping partial uploads in {folder}"]
+    if config.tus.enabled:
+        lines.append(f"tus: POST {config.tus.endpoint} (tus 1.0.0)")
+    if config.webdav.paths:
+        lines.append(f"WebDAV resumable PUT {where(config.webdav.paths)}")
+    if config.ietf.enabled:
+        lines.append(f"IETF resumable uploads {where(config.ietf.paths)} (resources under "
+                     f"{config.ietf.prefix})")
+    if config.tus_target.enabled:
+        lines.append(f"tus on the target URL {where(config.tus_target.paths)}")
+    if config.seed001.query_range or config.seed001.expect_range:
+        lines.append(f"PUT ?range= / Expect: Range {where(config.seed001.paths)}")
+    if config.content_range.enabled:
+        sessions = " and Google-style sessions" if config.content_range.sessions else ""
+        lines.append(f"PUT/POST with Content-Range{sessions} {where(config.content_range.paths)}")
+    if config.byteranges.enabled:
+        lines.append(f"PATCH with byte ranges {where(config.byteranges.paths)}")
+    return lines
 
 
 def _reverse_origin(modes: list[str]) -> Origin:

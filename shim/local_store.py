@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -50,6 +51,37 @@ CREATE TABLE IF NOT EXISTS incomplete (upload_id TEXT PRIMARY KEY, owner TEXT NO
 CREATE INDEX IF NOT EXISTS incomplete_owner ON incomplete (owner);
 CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL);
 """
+
+
+class FolderInUse(Exception):
+    """Another process serves from this storage folder."""
+
+
+_CLAIMED: dict[str, int] = {}
+"""Folders this process holds, and their lock's descriptor (kept open until it exits)."""
+
+
+def claim_folder(directory: str | Path) -> None:
+    """Take a storage folder for this process: an exclusive lock on `<dir>/shim.lock`, which
+    names the holder's pid. The local store assumes one process per folder (its leases are
+    dropped at start), so a second shim must not start on it; an operator's command line,
+    whose every change is compare-and-set, does not take it. A process may claim a folder
+    again (mitmdump's script reload makes a new addon); the kernel releases the lock however
+    the process ends, SIGKILL included."""
+    folder = Path(os.path.realpath(directory))
+    if str(folder) in _CLAIMED:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "shim.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise FolderInUse(f"{folder} is in use by another shim (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _CLAIMED[str(folder)] = fd
 
 
 class LocalStore:

@@ -22,6 +22,13 @@ NOWHERE = "reverse:http://127.0.0.1:1"
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
+@pytest.fixture(autouse=True)
+def _in_a_folder_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mitmproxy configures an addon with the default options first: the embedded config's
+    `./shim-data`, which a shim claims for its process. Each test has its own."""
+    monkeypatch.chdir(tmp_path)
+
+
 def reverse() -> options.Options:
     """Options as mitmdump has them when it loads the script: reverse mode already set."""
     return options.Options(mode=[NOWHERE])
