@@ -26,6 +26,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from shim import config as shim_config
 from shim.commands import Command, Forward, NeedBody
+from shim.cors import Cors
 from shim.engine import WRITE_LEASE_TTL, Engine, Limits, every
 from shim.exchange import Exchange
 from shim.local_store import FolderInUse, LocalStore, claim_folder
@@ -76,6 +77,7 @@ class Shim:
         self.config = shim_config.Config()
         self.engine: Engine | None = None
         self.protocols: list[Protocol] = []
+        self.cors = Cors(shim_config.CorsConfig(), ())
         self.sink = Sink()
         self._config_path: str | None = None
         self.store: LocalStore | None = None
@@ -123,6 +125,7 @@ class Shim:
             uploads_per_owner=limits.uploads_per_owner, uploads_total=limits.uploads_total),
             preflight=preflight)
         self.protocols = _protocols(config)
+        self.cors = Cors(config.cors, _upload_prefixes(config))
         self.origin = origin
         self._config_path = path
         for line in _banner(config, origin, store.directory):
@@ -251,6 +254,9 @@ class Shim:
                      ) -> _FlowState | None:
         """Ask each protocol whether the request is theirs; begin the exchange if so."""
         assert self.engine is not None
+        preflight = self.cors.preflight(request)
+        if preflight is not None:
+            return _FlowState(None, preflight)  # a browser asking whether it may upload
         routed = route(self.protocols, request, _owner(request, self.config.owner_header),
                        host_ok)
         if routed is None:
@@ -292,7 +298,7 @@ class Shim:
             return  # the body ended meanwhile and `_answer` gave the answer
         state.answered = True
         try:
-            sent = await answer_early(flow, _to_response(reply, flow.request.method))
+            sent = await answer_early(flow, self._response(flow, reply))
         except Exception:
             log.exception("shim: failed to answer a refused request early")
             sent = False
@@ -403,7 +409,15 @@ class Shim:
             reply = await _guarded(exchange.finish)
         elif exchange is not None:
             await _guarded_abort(exchange)
-        flow.response = _to_response(reply or _internal_error(), flow.request.method)
+        flow.response = self._response(flow, reply or _internal_error())
+
+    def _response(self, flow: http.HTTPFlow, reply: Reply) -> http.Response:
+        """An answer the shim gives itself, with the CORS fields a page on another origin
+        needs to read it."""
+        cors = self.cors.fields(_to_model(flow.request, ""))
+        if cors and not any(k.lower() == "access-control-allow-origin" for k, _ in reply.headers):
+            reply = replace(reply, headers=(*reply.headers, *cors))
+        return _to_response(reply, flow.request.method)
 
 
 def _protocols(config: shim_config.Config) -> list[Protocol]:
@@ -425,6 +439,16 @@ def _protocols(config: shim_config.Config) -> list[Protocol]:
         enabled.append(Byteranges(config.byteranges))
     enabled.append(Guard(config.guard.pass_through))
     return enabled
+
+
+def _upload_prefixes(config: shim_config.Config) -> tuple[str, ...]:
+    """The paths that are the shim's own upload URLs, whatever a request carries."""
+    prefixes = []
+    if config.tus.enabled:
+        prefixes.append(config.tus.endpoint)
+    if config.ietf.enabled:
+        prefixes.append(config.ietf.prefix)
+    return tuple(prefixes)
 
 
 def _banner(config: shim_config.Config, origin: Origin, folder: object) -> list[str]:

@@ -174,6 +174,18 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class CorsConfig:
+    """Cross-origin uploads from browser pages (the Fetch standard's CORS protocol)."""
+
+    origins: tuple[str, ...] = ()
+    """Origins whose pages may upload (`https://app.example.com`, or `*`); empty: CORS off."""
+    max_age: int = 600
+    """Seconds a browser may cache a preflight's answer."""
+    credentials: bool = False
+    """Let pages send cookies / HTTP auth (then `*` answers with the page's own origin)."""
+
+
+@dataclass(frozen=True)
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tus: TusConfig = field(default_factory=TusConfig)
@@ -188,6 +200,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
     public_url: str = ""
     """`scheme://host[:port]` of every absolute URL the shim writes (IETF Location, Google
     session URIs); empty: the client's own Host, which must then be a valid host[:port]."""
