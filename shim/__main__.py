@@ -1,6 +1,7 @@
 """`python -m shim`: the shim with mitmproxy embedded, no mitmdump command line needed.
 
     python -m shim --upstream http://127.0.0.1:8080 [--config FILE] [--listen HOST:PORT]
+    python -m shim uploads [--json] | retry ID | purge ID   [--config FILE]
 
 Without --upstream it also starts the embedded whole-file demo server (shim.demo_server),
 which stores what it receives in a folder, so an interrupted upload can be tried at once.
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--confdir", default="~/.mitmproxy", help="where mitmproxy keeps its CA")
     parser.add_argument("--demo-dir", default="./shim-demo-received",
                         help="where the demo server stores files (only without --upstream)")
+    parser.add_argument("--admin", default="", help="HOST:PORT of /healthz, /readyz and "
+                        "/metrics, or 'off' (default: the config's admin.listen, "
+                        "127.0.0.1:9464)")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not log every request")
     return parser.parse_args(argv)
 
@@ -88,7 +92,7 @@ async def serve(args: argparse.Namespace) -> int:
     master = DumpMaster(opts, with_termlog=True, with_dumper=not args.quiet)
     master.addons.add(Shim())
     try:
-        master.options.update(shim_config=args.config)
+        master.options.update(shim_config=args.config, shim_admin=args.admin)
     except Exception as exc:  # mitmproxy wraps the config error in OptionsError
         print(f"shim: refusing to start: {exc}", file=sys.stderr)
         return 2
@@ -105,7 +109,15 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+OPERATOR_COMMANDS = frozenset({"uploads", "retry", "purge"})
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OPERATOR_COMMANDS:  # on the same store, while the shim serves
+        from shim import operator
+
+        return operator.main(argv)
     args = parse_args(argv)
     if args.config:
         try:

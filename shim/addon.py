@@ -25,11 +25,13 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from shim import config as shim_config
+from shim.admin import Admin
 from shim.commands import Command, Forward, NeedBody
 from shim.cors import Cors
 from shim.engine import WRITE_LEASE_TTL, Engine, Limits, every
 from shim.exchange import Exchange
 from shim.local_store import FolderInUse, LocalStore, claim_folder
+from shim.metrics import Metrics
 from shim.mitm import answer_early, close_client, limit_request_heads, send_interim
 from shim.model import Reply, Request
 from shim.outbox import DeliveryPolicy, Outbox
@@ -51,6 +53,7 @@ from shim.wire import as_bytes
 log = logging.getLogger("shim")
 
 SWEEP_INTERVAL = 600.0
+GAUGE_INTERVAL = 5.0
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _STATE = "shim"
 _FORWARD = "shim-forward"
@@ -78,6 +81,8 @@ class Shim:
         self.engine: Engine | None = None
         self.protocols: list[Protocol] = []
         self.cors = Cors(shim_config.CorsConfig(), ())
+        self.metrics = Metrics()
+        self.admin: Admin | None = None
         self.sink = Sink()
         self._config_path: str | None = None
         self.store: LocalStore | None = None
@@ -95,6 +100,10 @@ class Shim:
     def load(self, loader: object) -> None:
         loader.add_option(  # type: ignore[attr-defined]
             "shim_config", str, "", "Path to the shim's YAML config; empty: embedded defaults."
+        )
+        loader.add_option(  # type: ignore[attr-defined]
+            "shim_admin", str, "", "HOST:PORT of the admin listener, or 'off'; empty: the "
+            "config's admin.listen."
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -121,6 +130,7 @@ class Shim:
         preflight = None if auth.preflight == "none" else Preflight(
             auth.preflight, origin, auth.url, auth.timeout, not ctx.options.ssl_insecure,
             auth.expect_wait).check
+        self.metrics = outbox.metrics
         self.engine = Engine(store, outbox, config.storage.min_free_bytes, limits=Limits(
             uploads_per_owner=limits.uploads_per_owner, uploads_total=limits.uploads_total),
             preflight=preflight)
@@ -169,13 +179,53 @@ class Shim:
         self._tasks = [
             asyncio.create_task(every(SWEEP_INTERVAL, self._sweep, "the expiry sweep")),
             asyncio.create_task(every(WRITE_LEASE_TTL / 3, engine.renew_leases, "lease renewal")),
+            asyncio.create_task(every(GAUGE_INTERVAL, self._gauges, "the metrics gauges")),
         ]
+        await self._start_admin()
+
+    async def _start_admin(self) -> None:
+        listen = ctx.options.shim_admin or self.config.admin.listen
+        if not listen or listen == "off":
+            return
+        host, _, port = listen.rpartition(":")
+        self.admin = Admin(self.metrics, self._not_ready)
+        try:
+            await self.admin.start(host.strip("[]"), int(port))
+        except OSError as exc:
+            log.error("shim: admin listener on %s: %s", listen, exc.strerror or exc)
+            return
+        log.info("shim: admin (/healthz, /readyz, /metrics) at http://%s:%d", host, self.admin.port)
+
+    async def _gauges(self) -> None:
+        """The gauges a scrape reads, and how late the loop runs a timer (its lag)."""
+        assert self.store is not None
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        await asyncio.sleep(0)
+        self.metrics.loop_lag.set(loop.time() - asked)
+        self.metrics.in_progress.set(await self.store.incomplete())
+        self.metrics.disk_free.set(await self.store.free_bytes())
+
+    async def _not_ready(self) -> str | None:
+        """/readyz: why the shim cannot take uploads now, or None."""
+        assert self.store is not None and self.origin is not None
+        if not await asyncio.to_thread(os.access, self.store.directory, os.W_OK):
+            return f"the storage folder {self.store.directory} is not writable"
+        try:
+            async with asyncio.timeout(2.0):
+                _, writer = await asyncio.open_connection(self.origin.host, self.origin.port)
+            writer.close()
+        except (OSError, TimeoutError) as exc:
+            return f"the legacy server {self.origin.authority} is unreachable: {exc!r}"
+        return None
 
     async def done(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.sink.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         if self.engine is not None:
             await self.engine.outbox.stop()
         if self.store is not None:

@@ -174,6 +174,13 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    listen: str = "127.0.0.1:9464"
+    """HOST:PORT of /healthz, /readyz and /metrics (Prometheus), off the public port;
+    empty: off."""
+
+
+@dataclass(frozen=True)
 class CorsConfig:
     """Cross-origin uploads from browser pages (the Fetch standard's CORS protocol)."""
 
@@ -201,6 +208,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     public_url: str = ""
     """`scheme://host[:port]` of every absolute URL the shim writes (IETF Location, Google
     session URIs); empty: the client's own Host, which must then be a valid host[:port]."""
@@ -333,6 +341,9 @@ def _check(config: Config, problems: list[str]) -> None:
     if config.public_url and not _is_origin(config.public_url):
         problems.append(f"public_url: must be scheme://host[:port] with no path, "
                         f"not {config.public_url!r}")
+    host, _, port = config.admin.listen.rpartition(":")
+    if config.admin.listen and (not host or not port.isdigit() or int(port) > 65535):
+        problems.append(f"admin.listen: must be HOST:PORT or empty, not {config.admin.listen!r}")
     if config.auth.preflight == "url" and not _is_origin(config.auth.url, path=True):
         problems.append(f"auth.url: preflight 'url' needs an http(s) URL, not {config.auth.url!r}")
 

@@ -24,6 +24,7 @@ from shim import errors
 from shim.append import Append, Checksum
 from shim.errors import ShimError
 from shim.lifecycle import AWAITING_DELIVERY, Event, IllegalTransition, State, advance
+from shim.metrics import Metrics
 from shim.model import Target, Upload
 from shim.outbox import Delivery, Outbox
 from shim.store import Conflict, Store, StoreError, pieces, transition
@@ -81,12 +82,13 @@ _NEEDS_PARTS = frozenset({State.RECEIVING, State.COMPLETE, State.DELIVERING, Sta
 class Engine:
     def __init__(self, store: Store, outbox: Outbox, min_free_bytes: int = 0,
                  clock: Callable[[], float] = time.time, limits: Limits | None = None,
-                 preflight: Callable[[Target, int | None], Awaitable[None]] | None = None
-                 ) -> None:
+                 preflight: Callable[[Target, int | None], Awaitable[None]] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.outbox = outbox
         self.min_free_bytes = min_free_bytes
         self.limits = limits or Limits()
+        self.metrics = metrics or outbox.metrics
         self.preflight = preflight
         """Asks the legacy server whether it takes an upload before it is created (raises
         its refusal); None: no such check (`auth.preflight: none`)."""
@@ -146,6 +148,7 @@ class Engine:
                 previous=previous, account=new.account, max_size=new.max_size))
         if key is not None:
             await self.store.link(key, upload.id)
+        self.metrics.event(upload.protocol, "created")
         return upload
 
     async def _check_room(self, owner: str, caps: bool = True) -> None:
@@ -233,6 +236,7 @@ class Engine:
     async def _terminate(self, upload: Upload) -> None:
         try:
             await self.change(upload, Event.TERMINATE, offset=0, updated=self.clock())
+            self.metrics.event(upload.protocol, "terminated")
         except IllegalTransition:
             raise ShimError("delivering", "the upload is being delivered and cannot be "
                             "cancelled now", 409) from None
@@ -401,6 +405,8 @@ class Engine:
                 upload = await self._change_receiving(append.upload, offset=offset,
                                                       unverified_from=None, updated=self.clock(),
                                                       **accepted)
+                self.metrics.bytes_received.labels(protocol=upload.protocol).inc(
+                    max(0, offset - append.writer.start))
             except StoreError as exc:
                 handed_off = True
                 self._spawn(self._commit_later(append, offset, accepted))
@@ -600,6 +606,7 @@ class Engine:
                                        updated=self.clock(), update=_still_complete)
         except (IllegalTransition, ShimError):  # another request settled or changed it first
             return await self.store.load(upload.id) or upload
+        self.metrics.event(upload.protocol, "completed")
         self.outbox.kick()
         return upload
 
@@ -695,6 +702,7 @@ class Engine:
         terminated upload's record (kept to answer 410) just goes."""
         if not upload.gone:
             upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
+            self.metrics.event(upload.protocol, "expired")
         await self.store.remove(upload)
         self._tickets.pop(upload.id, None)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from shim.lifecycle import Event, IllegalTransition, State
+from shim.metrics import Metrics
 from shim.model import Answer, Upload
 from shim.store import Conflict, Store, StoreError, pieces, transition
 from shim.upstream import OutcomeUnknown, Unreachable, Upstream
@@ -92,10 +93,17 @@ class Delivery:
         return f"the upload is complete but not delivered: {self.problem}"
 
 
+_RESULTS = {Event.ACCEPTED: "delivered", Event.REFUSED: "refused", Event.TRANSIENT: "transient",
+            Event.UNKNOWN_HOLD: "unknown", Event.UNKNOWN_RETRY: "unknown",
+            Event.GIVE_UP: "gave_up"}
+"""The name each move of a delivery is counted under (shim_delivery_attempts)."""
+
+
 class Outbox:
     def __init__(self, store: Store, upstream: Upstream, policy: DeliveryPolicy | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.upstream = upstream
         self.policy = policy or DeliveryPolicy()
         self.clock = clock
@@ -298,8 +306,18 @@ class Outbox:
                 self._notify(upload.id)
                 await asyncio.sleep(1.0)
         self._unrecorded.pop(upload.id, None)
+        self._count(saved, event)
         if saved.state in (State.DELIVERED, State.REFUSED):
             await self._discard_bytes(saved)
+
+    def _count(self, upload: Upload, event: Event) -> None:
+        """An attempt's result, and the upload's end if this was it."""
+        self.metrics.attempts.labels(result=_RESULTS.get(event, event.name.lower())).inc()
+        ended = {State.DELIVERED: "delivered", State.REFUSED: "refused", State.FAILED: "failed"}
+        if upload.state in ended:
+            self.metrics.event(upload.protocol, ended[upload.state])
+            if upload.first_attempt is not None:
+                self.metrics.delivery_seconds.observe(max(0.0, self.clock() - upload.first_attempt))
 
     async def _discard_bytes(self, upload: Upload) -> None:
         """The file is out of the shim's hands: free its disk. The parts of a concatenation

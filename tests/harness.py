@@ -242,6 +242,7 @@ class ShimProcess:
                 *("-s", str(self.addon)),
                 *("--set", f"shim_config={self.config_path}"),
                 *("--set", f"confdir={self.confdir}"),
+                *("--set", "shim_admin=127.0.0.1:0"),
                 *("--listen-host", "127.0.0.1", "--listen-port", "0"),
                 *self.extra_args,
             ]
@@ -252,6 +253,7 @@ class ShimProcess:
             *("--config", str(self.config_path)),
             *("--listen", "127.0.0.1:0"),
             *("--confdir", str(self.confdir)),
+            *("--admin", "127.0.0.1:0"),
             *self.extra_args,
         ]
 

@@ -37,7 +37,8 @@ def reverse() -> options.Options:
 @asynccontextmanager
 async def running_shim(tmp_path: Path, yaml: str = "") -> AsyncIterator[Shim]:
     config = tmp_path / "shim.yaml"
-    config.write_text(f"storage: {{dir: {tmp_path / 'store'}, fsync: false}}\n{yaml}")
+    config.write_text(f"storage: {{dir: {tmp_path / 'store'}, fsync: false}}\n"
+                      f"admin: {{listen: '127.0.0.1:0'}}\n{yaml}")
     shim = Shim()
     with taddons.context(shim, Proxyserver(), options=reverse()) as tctx:
         tctx.configure(shim, shim_config=str(config))

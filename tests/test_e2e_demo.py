@@ -16,7 +16,8 @@ from tests.harness import OutputLog, sha256_of, subprocess_env, wait_until, writ
 def test_python_m_shim_alone_runs_the_demo_end_to_end(tmp_path: Path) -> None:
     received = tmp_path / "received"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shim", "--listen", "127.0.0.1:0", "--demo-dir", str(received),
+        [sys.executable, "-m", "shim", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+         "--demo-dir", str(received),
          "--confdir", str(tmp_path / "confdir")],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=subprocess_env(),
     )

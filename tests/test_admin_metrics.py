@@ -1,0 +1,76 @@
+"""The admin listener: /healthz, /readyz and /metrics, scraped after a known sequence of
+uploads through a real shim (a Prometheus scrape is a plain GET)."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import requests
+
+from shim.demo_server import WholeFileServer
+from tests.harness import ShimLauncher, ShimProcess
+
+TUS = {"Tus-Resumable": "1.0.0"}
+TIMEOUT = 30
+
+
+def admin_url(proc: ShimProcess) -> str:
+    match = proc.wait_for_output(r"admin \(/healthz, /readyz, /metrics\) at (http://\S+)")
+    return match.group(1)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus' text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if line.startswith("#") or not sample.startswith(name):
+            continue
+        found = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})?", sample)
+        if found is not None and ",".join(sorted((found.group(1) or "").split(","))) == wanted:
+            return float(value)
+    return 0.0
+
+
+def tus_upload(url: str, data: bytes, complete: bool = True) -> str:
+    name = base64.b64encode(b"m.bin").decode()
+    created = requests.post(f"{url}/files/", timeout=TIMEOUT, headers={
+        **TUS, "Upload-Length": str(len(data)), "Upload-Metadata": f"filename {name}"})
+    assert created.status_code == 201, created.text
+    location = created.headers["Location"]
+    sent = data if complete else data[: len(data) // 2]
+    patched = requests.patch(f"{url}{location}", data=sent, timeout=TIMEOUT, headers={
+        **TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    assert patched.status_code == 204, patched.text
+    return location
+
+
+def test_health_readiness_and_counters_after_known_uploads(
+        shim: ShimLauncher, legacy: WholeFileServer) -> None:
+    proc = shim()
+    admin = admin_url(proc)
+    assert requests.get(f"{admin}/healthz", timeout=TIMEOUT).text == "ok\n"
+    ready = requests.get(f"{admin}/readyz", timeout=TIMEOUT)
+    assert ready.status_code == 200, ready.text
+
+    tus_upload(proc.url, b"a" * 1000)
+    tus_upload(proc.url, b"b" * 3000)
+    half = tus_upload(proc.url, b"c" * 500, complete=False)
+    requests.delete(f"{proc.url}{half}", headers=TUS, timeout=TIMEOUT)
+    legacy.wait_for(2, TIMEOUT)
+
+    text = requests.get(f"{admin}/metrics", timeout=TIMEOUT).text
+    assert metric(text, "shim_uploads_total", protocol="tus", event="created") == 3
+    assert metric(text, "shim_uploads_total", protocol="tus", event="completed") == 2
+    assert metric(text, "shim_uploads_total", protocol="tus", event="delivered") == 2
+    assert metric(text, "shim_uploads_total", protocol="tus", event="terminated") == 1
+    assert metric(text, "shim_bytes_received_total", protocol="tus") == 1000 + 3000 + 250
+    assert metric(text, "shim_delivery_attempts_total", result="delivered") == 2
+    assert metric(text, "shim_delivery_seconds_count") == 2
+    assert "shim_event_loop_lag_seconds" in text and "shim_uploads_in_progress" in text
+
+    legacy.stop()  # the legacy server is down: not ready, still alive
+    down = requests.get(f"{admin}/readyz", timeout=TIMEOUT)
+    assert down.status_code == 503 and "unreachable" in down.text
+    assert requests.get(f"{admin}/healthz", timeout=TIMEOUT).status_code == 200
