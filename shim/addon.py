@@ -47,7 +47,7 @@ from shim.protocols.tus import Tus
 from shim.protocols.tus_target import TusTarget
 from shim.protocols.webdav import Webdav
 from shim.sink import Sink
-from shim.upstream import Origin, Upstream
+from shim.upstream import Origin, Upstream, UpstreamTLS, UpstreamTLSError
 from shim.wire import as_bytes
 
 log = logging.getLogger("shim")
@@ -115,11 +115,21 @@ class Shim:
         except shim_config.ConfigError as exc:
             raise exceptions.OptionsError(f"shim_config: {exc}") from exc
         origin = _reverse_origin(ctx.options.mode)
+        if self._config_path is None:
+            # The operator's keep_host_header, read before running() sets it for the shim's
+            # own use (the client's Host is needed for the upload URLs).
+            self._rewrite_host = not ctx.options.keep_host_header
+        tls = UpstreamTLS.from_options(ctx.options)  # as mitmproxy's pass-through makes TLS
+        if origin.scheme == "https":
+            try:
+                tls.check(origin.host)
+            except UpstreamTLSError as exc:
+                raise exceptions.OptionsError(str(exc)) from exc
         store = self._open_store(config.storage)
         self.config = config
         if self.store is not None:
             _close_later(self.store)
-        upstream = Upstream(origin, config.upstream.timeout, not ctx.options.ssl_insecure)
+        upstream = Upstream(origin, config.upstream.timeout, tls, keep_host=not self._rewrite_host)
         delivery = config.delivery
         outbox = Outbox(store, upstream, DeliveryPolicy(
             wait=delivery.wait, give_up_after=delivery.give_up_after,
@@ -128,8 +138,8 @@ class Shim:
         limits = config.limits
         auth = config.auth
         preflight = None if auth.preflight == "none" else Preflight(
-            auth.preflight, origin, auth.url, auth.timeout, not ctx.options.ssl_insecure,
-            auth.expect_wait).check
+            auth.preflight, origin, auth.url, auth.timeout, tls, auth.expect_wait,
+            keep_host=not self._rewrite_host).check
         self.metrics = outbox.metrics
         self.engine = Engine(store, outbox, config.storage.min_free_bytes, limits=Limits(
             uploads_per_owner=limits.uploads_per_owner, uploads_total=limits.uploads_total),
@@ -162,7 +172,6 @@ class Shim:
         self._eager_sink = self.origin is not None and self.origin.scheme == "http"
         # The client's own Host is needed to build absolute upload URLs; the shim rewrites it
         # for the legacy server itself, as mitmproxy's reverse mode would (_to_legacy).
-        self._rewrite_host = not ctx.options.keep_host_header
         ctx.options.update(connection_strategy="eager" if self._eager_sink else "lazy",
                            keep_host_header=True, tcp_timeout=self.config.limits.client_timeout)
         self.sink.max_head = self.config.limits.header_bytes + 4096  # the rerouting fields
@@ -253,6 +262,13 @@ class Shim:
         up; a client that leaves before it is loses the chunks queued meanwhile. With the
         sink connection open before the first request, every byte that arrived reaches the
         disk. Requests the shim does not claim are aimed back at the legacy server."""
+        origin = self.origin
+        if self._rewrite_host and origin is not None and \
+                data.server.address == (origin.host, origin.port):
+            # mitmproxy's reverse mode names the legacy server in SNI (and checks its
+            # certificate against that name) unless keep_host_header is set, which the shim
+            # sets for itself (running): without this, a TLS client's SNI would be used.
+            data.server.sni = origin.host
         if data.client.id in self._first_connect:
             self._first_connect.discard(data.client.id)
             data.server.address = ("127.0.0.1", self.sink.port)
@@ -563,6 +579,10 @@ async def _guarded_abort(exchange: Exchange) -> None:
 def _to_model(request: http.Request, origin: str) -> Request:
     path, _, query = request.path.partition("?")
     fields = tuple((k, v) for k, v in request.headers.items(multi=True))
+    if request.authority and "host" not in request.headers:
+        # HTTP/2 and 3 name the host in :authority; as an HTTP/1.1 request (what mitmproxy's
+        # pass-through and the delivery send) that is its Host (Http1Client.send).
+        fields = (("Host", request.authority), *fields)
     length_text = request.headers.get("content-length")
     if length_text is not None and length_text.strip().isdigit():
         body_length: int | None = int(length_text)

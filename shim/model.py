@@ -69,6 +69,9 @@ class Target:
     field: str = "file"
     filename: str | None = None
     content_type: str | None = None
+    host: str | None = None
+    """The creating request's Host, sent instead of the legacy server's authority when the
+    operator set mitmproxy's `keep_host_header` (as pass-through sends it)."""
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ ways to ask (`auth.preflight`):
 
 Both return None for "go ahead" and an :class:`shim.model.Answer` for a refusal the caller
 relays to the client; :class:`PreflightUnavailable` means no usable answer (the caller answers
-503). Connections and TLS are made exactly as deliveries make them (`shim.upstream`), over
-h11 on asyncio; no mitmproxy here.
+503). Connections, TLS (`shim.upstream.UpstreamTLS`) and the `Host` of an `expect` head
+(`shim.upstream.delivery_host`) are made exactly as deliveries make them, over h11 on
+asyncio; no mitmproxy here.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import h11
 from shim.errors import ShimError
 from shim.model import Answer, HeaderList, Target
 from shim.targets import HOP_BY_HOP, connection_fields
-from shim.upstream import Framing, Origin, Upstream
+from shim.upstream import Framing, Origin, Upstream, UpstreamTLS, delivery_host
 from shim.wire import as_bytes
 
 __all__ = ["EXPECT_WAIT", "MAX_ANSWER_BODY", "Preflight", "PreflightUnavailable", "ask_expect", "ask_url"]
@@ -53,12 +54,15 @@ class PreflightUnavailable(Exception):
 
 
 async def ask_expect(origin: Origin, method: str, path: str, headers: HeaderList,
-                     length: int | None, timeout: float, verify_tls: bool = True,
-                     expect_wait: float = EXPECT_WAIT) -> Answer | None:
+                     length: int | None, timeout: float, verify_tls: bool | UpstreamTLS = True,
+                     expect_wait: float = EXPECT_WAIT, host: str | None = None
+                     ) -> Answer | None:
     """Send the legacy server the head of the request it will eventually get and return its
     verdict: None to go ahead, or the refusal to relay.
 
-    The head is `method path`, `Host: <origin authority>`, the given `headers` (the client's
+    `verify_tls` is how an https origin is reached, as deliveries reach it (a bool:
+    `UpstreamTLS(verify=that)`). The head is `method path`, `Host: <host>` (the Host the
+    delivery will send; default the origin's authority), the given `headers` (the client's
     credentials and the other fields the delivery will carry; hop-by-hop fields, including any
     Host, Content-Length, Transfer-Encoding and Expect, are dropped: see `_fields`),
     `Content-Length: <length>` and `Expect: 100-continue` (RFC 9110 section 10.1.1). The body
@@ -91,7 +95,7 @@ async def ask_expect(origin: Origin, method: str, path: str, headers: HeaderList
     framing = [(b"Transfer-Encoding", b"chunked")] if chunked else [
         (b"Content-Length", str(length).encode("ascii"))]
     request = _request(method, path, [
-        (b"Host", origin.authority.encode("ascii")), *_fields(headers), *framing,
+        (b"Host", as_bytes(host or origin.authority)), *_fields(headers), *framing,
         (b"Expect", b"100-continue")])
     conn = h11.Connection(h11.CLIENT)
     reader, writer = await _open(origin, timeout, verify_tls)
@@ -124,7 +128,7 @@ async def ask_expect(origin: Origin, method: str, path: str, headers: HeaderList
 
 
 async def ask_url(url: str, headers: HeaderList, timeout: float,
-                  verify_tls: bool = True) -> Answer | None:
+                  verify_tls: bool | UpstreamTLS = True) -> Answer | None:
     """GET `url` (absolute, http or https) with the client's `headers` and return the verdict:
     None when it answers 2xx (allowed), the Answer to relay when it answers 401 or 403.
 
@@ -136,7 +140,8 @@ async def ask_url(url: str, headers: HeaderList, timeout: float,
 
     Raises PreflightUnavailable for any other status (3xx, 404, 5xx, ...), for no connection,
     and for no answer within `timeout`; ValueError for a URL that is not absolute http(s) or
-    fields that cannot be written."""
+    fields that cannot be written. TLS to an https URL is made with `verify_tls` (as
+    deliveries make it; a client certificate folder is looked up under the URL's host)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"the preflight URL must be absolute http(s), not {url!r}")
@@ -188,8 +193,8 @@ def _request(method: str, target: str, headers: list[tuple[bytes, bytes]]) -> h1
         raise ValueError(f"cannot write a preflight request for {method} {target!r}: {exc}") from exc
 
 
-async def _open(origin: Origin, timeout: float,
-                verify_tls: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open(origin: Origin, timeout: float, verify_tls: bool | UpstreamTLS
+                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection made as deliveries make theirs (same TLS settings), within `timeout`."""
     try:
         async with asyncio.timeout(timeout):
@@ -264,13 +269,18 @@ class Preflight:
     would take this file from this client; its refusal is the client's answer."""
 
     def __init__(self, mode: str, origin: Origin, url: str, timeout: float,
-                 verify_tls: bool = True, expect_wait: float = EXPECT_WAIT) -> None:
+                 tls: UpstreamTLS | bool = True, expect_wait: float = EXPECT_WAIT,
+                 keep_host: bool = False) -> None:
+        """`tls` and `keep_host` as the delivery's `shim.upstream.Upstream` has them, so
+        that the legacy server is asked over the connection, and with the Host, that the
+        delivery will use."""
         self.mode = mode
         self.origin = origin
         self.url = url
         self.timeout = timeout
-        self.verify_tls = verify_tls
+        self.tls = tls if isinstance(tls, UpstreamTLS) else UpstreamTLS(verify=tls)
         self.expect_wait = expect_wait
+        self.keep_host = keep_host
 
     async def check(self, target: Target, length: int | None) -> None:
         """Raise ShimError with the legacy server's refusal (its status, WWW-Authenticate
@@ -284,10 +294,10 @@ class Preflight:
                 fields = (*target.headers, *((("Content-Type", framing.content_type),)
                                              if framing.content_type else ()))
                 answer = await ask_expect(self.origin, target.method, target.path, fields,
-                                          framed, self.timeout, self.verify_tls,
-                                          self.expect_wait)
+                                          framed, self.timeout, self.tls, self.expect_wait,
+                                          delivery_host(self.origin, target, self.keep_host))
             else:
-                answer = await ask_url(self.url, target.headers, self.timeout, self.verify_tls)
+                answer = await ask_url(self.url, target.headers, self.timeout, self.tls)
         except (PreflightUnavailable, ValueError) as exc:
             raise ShimError("preflight-unavailable", f"the legacy server could not be asked "
                             f"whether it takes this upload: {exc}", 503,

@@ -58,18 +58,29 @@ def forwarded_fields(fields: HeaderList, protocol_prefixes: tuple[str, ...] = ()
     """The creating request's fields the legacy server gets: no hop-by-hop field, no field
     of the protocol; a value that is not a valid field value refuses the creation (400).
     Values are kept as received (obs-text included: `shim.upstream` writes them back byte
-    for byte)."""
+    for byte), except `Cookie`: HTTP/2 and HTTP/3 clients split it into one field per cookie
+    (RFC 9113 section 8.2.3), which an HTTP/1.1 server must get as one line (RFC 6265
+    section 5.4), so several are joined with "; " where the first was, as mitmproxy joins
+    them for pass-through (`Http1Client.send`)."""
     dropped = connection_fields(fields) | protocol_names | PROTOCOL_FIELDS
     prefixes = PROTOCOL_PREFIXES + protocol_prefixes
     kept = []
+    cookies: list[str] = []
     for name, value in fields:
         if _FIELD_VALUE_BAD.search(value) or not _FIELD_NAME.fullmatch(name):
             # any field, forwarded or not: a request this broken is no upload
             raise errors.bad_request(f"the field {name!r} has a control character or is no "
                                      "field name; it cannot be forwarded")
         lowered = name.lower()
-        if not (lowered in dropped or lowered.startswith(prefixes)):
+        if lowered == "cookie" and "cookie" not in dropped:
+            if not cookies:
+                kept.append((name, ""))  # its place; the value is all of them, joined below
+            cookies.append(value)
+        elif not (lowered in dropped or lowered.startswith(prefixes)):
             kept.append((name, value))
+    if cookies:
+        at = next(i for i, (name, _) in enumerate(kept) if name.lower() == "cookie")
+        kept[at] = (kept[at][0], "; ".join(cookies))
     return tuple(kept)
 
 
@@ -119,5 +130,7 @@ def target(method: str, path: str, fields: HeaderList, *,
            filename: str | None = None) -> Target:
     """The ONE request a finished file goes out as, checked now so that it can be sent."""
     headers = forwarded_fields(fields, protocol_prefixes, protocol_names | {"content-type"})
+    host = next((value for name, value in fields if name.lower() == "host"), None)
     return Target(method=method, path=request_target(path), headers=headers, body=body, field=field,
-                  filename=filename, content_type=media_type(content_type, content_type_name))
+                  filename=filename, content_type=media_type(content_type, content_type_name),
+                  host=host)

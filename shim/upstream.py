@@ -2,11 +2,18 @@
 
 Uses h11 (already a mitmproxy dependency) over an asyncio connection, draining after each
 chunk so that memory stays flat whatever the file size.
+
+A delivery reaches the legacy server as mitmproxy's pass-through reaches it: TLS made with the
+same options (`UpstreamTLS`: trusted CA file and folder, client certificate, verification off)
+and the same `Host` (`delivery_host`: the legacy server's authority, or with mitmproxy's
+`keep_host_header` the client's own), so a legacy server that works for one works for both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import secrets
 import socket
 import ssl
@@ -14,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import certifi
 import h11
 
 from shim.model import Answer, HeaderList, Target
@@ -39,6 +47,132 @@ class Unreachable(UpstreamError):
 
 class OutcomeUnknown(UpstreamError):
     """The whole file was sent, then no answer came: the legacy server may have acted on it."""
+
+
+class UpstreamTLSError(OSError):
+    """A TLS setting cannot be used (a CA file, CA folder or client certificate that does not
+    load). An OSError, so that a delivery or preflight meeting it is "cannot connect" (retried,
+    or 503), as it is when mitmproxy's pass-through meets it; check it at start-up with
+    `UpstreamTLS.check` to say so at once."""
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """How to make TLS to an https legacy server: mitmproxy's options for its own upstream
+    connections, so that deliveries and preflights trust what pass-through trusts.
+
+    * `verify`: not `ssl_insecure`. Off: no certificate or host name check (and, as
+      mitmproxy, legacy renegotiation allowed).
+    * `ca_file` (`ssl_verify_upstream_trusted_ca`), `ca_dir`
+      (`ssl_verify_upstream_trusted_confdir`, a c_rehash folder): the trusted CAs. With
+      neither, certifi's bundle, as mitmproxy (not the system store: a CA only the system
+      trusts fails pass-through too, and would be a difference between the two).
+    * `client_cert` (`client_certs`): a PEM file with key and certificate chain, or a folder
+      holding `<host>.pem` for the legacy server's host (none there: no client certificate).
+
+    The host name (or IP address) checked is the legacy server's host, which is what
+    mitmproxy's reverse mode sends as SNI."""
+
+    verify: bool = True
+    ca_file: str | None = None
+    ca_dir: str | None = None
+    client_cert: str | None = None
+
+    @classmethod
+    def from_options(cls, options: object) -> UpstreamTLS:
+        """The settings from mitmproxy's options (`ctx.options`), by the names mitmproxy
+        reads them under (mitmproxy/addons/tlsconfig.py, `tls_start_server`)."""
+
+        def text(name: str) -> str | None:
+            value = getattr(options, name, None)
+            return value if isinstance(value, str) and value else None
+
+        return cls(verify=not getattr(options, "ssl_insecure", False),
+                   ca_file=text("ssl_verify_upstream_trusted_ca"),
+                   ca_dir=text("ssl_verify_upstream_trusted_confdir"),
+                   client_cert=text("client_certs"))
+
+    def client_cert_for(self, server_name: str) -> str | None:
+        """The client certificate file for `server_name`, as mitmproxy picks it: `client_cert`
+        itself when it is a file, else `<folder>/<server_name>.pem` if that exists."""
+        if not self.client_cert:
+            return None
+        path = os.path.expanduser(self.client_cert)
+        if os.path.isfile(path):
+            return path
+        candidate = os.path.join(path, f"{server_name}.pem")
+        return candidate if os.path.isfile(candidate) else None
+
+    def context(self, server_name: str) -> ssl.SSLContext:
+        """The client context for a connection to `server_name` (built once, then reused).
+        Raises UpstreamTLSError when a file named in the settings does not load."""
+        return _tls_context(self, server_name)
+
+    def check(self, server_name: str) -> None:
+        """Raise UpstreamTLSError now if a connection to `server_name` could not be made
+        with these settings (for start-up, so the operator hears of it at once)."""
+        self.context(server_name)
+
+
+@functools.lru_cache(maxsize=32)
+def _tls_context(tls: UpstreamTLS, server_name: str) -> ssl.SSLContext:
+    """As mitmproxy's `create_proxy_server_context` (mitmproxy/net/tls.py) makes it. Cached as
+    mitmproxy caches its own: files are read once, when first needed."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # TLS 1.2 at least, as mitmproxy
+    # mitmproxy checks subjectAltName only (X509_CHECK_FLAG_NEVER_CHECK_SUBJECT), as browsers.
+    context.hostname_checks_common_name = False
+    ca_file, ca_dir = tls.ca_file, tls.ca_dir
+    if ca_file is None and ca_dir is None:
+        ca_file = certifi.where()
+    try:
+        context.load_verify_locations(cafile=ca_file, capath=ca_dir)
+    except (OSError, ValueError) as exc:
+        raise UpstreamTLSError(f"cannot load the trusted CA certificates (file {ca_file!r}, "
+                               f"folder {ca_dir!r}) for the legacy server: {exc}") from exc
+    client_cert = tls.client_cert_for(server_name)
+    if client_cert is not None:
+        try:
+            # The key and the chain in one PEM file, as mitmproxy reads it; an encrypted key
+            # fails here instead of prompting on a terminal nobody watches.
+            context.load_cert_chain(client_cert, password=_no_password)
+        except (OSError, ValueError) as exc:
+            raise UpstreamTLSError(f"cannot load the client certificate {client_cert!r} for "
+                                   f"the legacy server: {exc}") from exc
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.options |= ssl.OP_LEGACY_SERVER_CONNECT  # as mitmproxy with ssl_insecure
+    context.set_alpn_protocols(["http/1.1"])  # all a delivery speaks
+    return context
+
+
+def _no_password() -> bytes:
+    return b""
+
+
+_HANDSHAKE_ALERTS = frozenset({
+    "SSLV3_ALERT_HANDSHAKE_FAILURE", "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV1_ALERT_UNKNOWN_CA",
+    "TLSV1_ALERT_ACCESS_DENIED", "TLSV1_ALERT_DECRYPT_ERROR", "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+})
+"""TLS alerts (RFC 8446 section 6.2) a server sends only while it refuses the handshake."""
+
+
+def _refused_handshake(exc: BaseException) -> bool:
+    """The legacy server refused the TLS handshake (no client certificate, one it does not
+    take): it cannot have read a byte of the request. With TLS 1.3 the client finishes its
+    side of the handshake first and may send the whole file before the server's alert comes
+    (RFC 8446 section 4.4.2.4), which must not be taken for "sent, outcome unknown"."""
+    return isinstance(exc, ssl.SSLError) and exc.reason in _HANDSHAKE_ALERTS
+
+
+def delivery_host(origin: Origin, target: Target, keep_host: bool) -> str:
+    """The `Host` a delivery (and its preflight) sends: the legacy server's authority, as
+    mitmproxy's reverse mode rewrites it; with `keep_host` (mitmproxy's `keep_host_header`)
+    the creating request's own Host, as pass-through would send it, when it had one."""
+    return target.host if keep_host and target.host else origin.authority
 
 
 @dataclass(frozen=True)
@@ -94,12 +228,16 @@ class Upstream:
     """Sends one finished file and reads the answer, early or late.
 
     `timeout` is an idle timeout: each connect, write and read must make progress within it,
-    so a slow but progressing legacy server is never cut off."""
+    so a slow but progressing legacy server is never cut off. `tls` is how an https legacy
+    server is reached (a bool: `UpstreamTLS(verify=that)`); `keep_host` sends the creating
+    request's Host instead of the legacy server's authority (`delivery_host`)."""
 
-    def __init__(self, origin: Origin, timeout: float, verify_tls: bool = True) -> None:
+    def __init__(self, origin: Origin, timeout: float, tls: UpstreamTLS | bool = True,
+                 keep_host: bool = False) -> None:
         self.origin = origin
         self.timeout = timeout
-        self.verify_tls = verify_tls
+        self.tls = tls if isinstance(tls, UpstreamTLS) else UpstreamTLS(verify=tls)
+        self.keep_host = keep_host
 
     async def send(self, target: Target, length: int, body: AsyncIterator[bytes],
                    extra: HeaderList = ()) -> Answer:
@@ -136,7 +274,7 @@ class Upstream:
             try:
                 return await answer
             except (OSError, TimeoutError, h11.ProtocolError, UpstreamError) as exc:
-                if sent_all:
+                if sent_all and not _refused_handshake(exc):
                     raise OutcomeUnknown(f"the whole file was sent, then {exc}") from exc
                 raise Unreachable(f"{self.origin.authority} broke off: {exc!r}") from exc
         finally:
@@ -156,12 +294,7 @@ class Upstream:
         await self._put(writer, conn.send(h11.EndOfMessage()))
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        context: ssl.SSLContext | None = None
-        if self.origin.scheme == "https":
-            context = ssl.create_default_context()
-            if not self.verify_tls:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+        context = self.tls.context(self.origin.host) if self.origin.scheme == "https" else None
         reader, writer = await asyncio.open_connection(self.origin.host, self.origin.port,
                                                        ssl=context)
         sock = writer.get_extra_info("socket")
@@ -173,7 +306,8 @@ class Upstream:
 
     def _headers(self, target: Target, framing: Framing, total: int,
                  extra: HeaderList) -> list[tuple[bytes, bytes]]:
-        headers = [("Host", self.origin.authority), ("Content-Length", str(total))]
+        headers = [("Host", delivery_host(self.origin, target, self.keep_host)),
+                   ("Content-Length", str(total))]
         if framing.content_type:
             headers.append(("Content-Type", framing.content_type))
         headers += [(k, v) for k, v in (*target.headers, *extra)
