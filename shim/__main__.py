@@ -2,6 +2,7 @@
 
     python -m shim --upstream http://127.0.0.1:8080 [--config FILE] [--listen HOST:PORT]
     python -m shim uploads [--json] | retry ID | purge ID   [--config FILE]
+    python -m shim upload FILE URL [--protocol tus|ietf|content-range]
 
 Without --upstream it also starts the embedded whole-file demo server (shim.demo_server),
 which stores what it receives in a folder, so an interrupted upload can be tried at once.
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from shim import operator
 
         return operator.main(argv)
+    if argv[:1] == ["upload"]:  # the resumable client, for the far end of a weak link
+        from shim import client
+
+        return client.main(argv)
     args = parse_args(argv)
     if args.config:
         try:
