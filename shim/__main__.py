@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin", default="", help="HOST:PORT of /healthz, /readyz and "
                         "/metrics, or 'off' (default: the config's admin.listen, "
                         "127.0.0.1:9464)")
+    parser.add_argument("--set", dest="settings", action="append", default=[],
+                        metavar="OPTION=VALUE", help="a mitmproxy option, as mitmdump's --set: "
+                        "certs=*=cert.pem (a real certificate), ssl_verify_upstream_trusted_ca="
+                        "ca.pem, client_certs=..., ssl_insecure=true, keep_host_header=true")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not log every request")
     return parser.parse_args(argv)
 
@@ -93,6 +97,8 @@ async def serve(args: argparse.Namespace) -> int:
     master = DumpMaster(opts, with_termlog=True, with_dumper=not args.quiet)
     master.addons.add(Shim())
     try:
+        if args.settings:
+            master.options.set(*args.settings)
         master.options.update(shim_config=args.config, shim_admin=args.admin)
     except Exception as exc:  # mitmproxy wraps the config error in OptionsError
         print(f"shim: refusing to start: {exc}", file=sys.stderr)

@@ -46,7 +46,7 @@ from shim.demo_server import ReceivedRequest, WholeFileServer
 from shim.model import Target
 from shim.targets import forwarded_fields, target
 from shim.upstream import Origin, Upstream, UpstreamTLS, UpstreamTLSError
-from tests.harness import ShimLauncher, ShimProcess, wait_until
+from tests.harness import ShimKind, ShimLauncher, ShimProcess, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -229,12 +229,14 @@ def config(wait: float = 10.0, give_up_after: float = 86400.0) -> dict[str, Any]
     }
 
 
-def front(shim: ShimLauncher, legacy: TlsLegacy, *options: str, **config_args: float) -> ShimProcess:
-    """A shim in front of `legacy` with mitmproxy options `name=value` (`--set`)."""
+def front(shim: ShimLauncher, legacy: TlsLegacy, *options: str, kind: ShimKind = "mitmdump",
+          **config_args: float) -> ShimProcess:
+    """A shim in front of `legacy` with mitmproxy options `name=value` (`--set`, which both
+    mitmdump and `python -m shim` take)."""
     extra: list[str] = []
     for option in options:
         extra += ["--set", option]
-    return shim(config(**config_args), upstream_url=legacy.url, extra_args=extra)
+    return shim(config(**config_args), kind, upstream_url=legacy.url, extra_args=extra)
 
 
 # --- talking to the shim ----------------------------------------------------------------------
@@ -333,6 +335,14 @@ def test_private_ca_file_serves_delivery_and_pass_through(
     """`ssl_verify_upstream_trusted_ca=<the private CA>`: pass-through trusts the legacy
     server's certificate, and so does the delivery (before issue 10 every delivery failed)."""
     proc = front(shim, tls_legacy, f"ssl_verify_upstream_trusted_ca={pki.ca.cert_pem}")
+    assert_both_work(proc, tls_legacy)
+
+
+def test_python_m_shim_takes_the_same_tls_options(
+        shim: ShimLauncher, tls_legacy: TlsLegacy, pki: Pki) -> None:
+    """`python -m shim --set ssl_verify_upstream_trusted_ca=...`, as mitmdump's --set."""
+    proc = front(shim, tls_legacy, f"ssl_verify_upstream_trusted_ca={pki.ca.cert_pem}",
+                 kind="python-m-shim")
     assert_both_work(proc, tls_legacy)
 
 
