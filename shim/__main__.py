@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         metavar="OPTION=VALUE", help="a mitmproxy option, as mitmdump's --set: "
                         "certs=*=cert.pem (a real certificate), ssl_verify_upstream_trusted_ca="
                         "ca.pem, client_certs=..., ssl_insecure=true, keep_host_header=true")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="one line per upload event (created, resumed, taken over, "
+                        "completed, delivered, ...): key=value text or JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not log every request")
     return parser.parse_args(argv)
 
@@ -99,7 +102,8 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         if args.settings:
             master.options.set(*args.settings)
-        master.options.update(shim_config=args.config, shim_admin=args.admin)
+        master.options.update(shim_config=args.config, shim_admin=args.admin,
+                              shim_log_format=args.log_format)
     except Exception as exc:  # mitmproxy wraps the config error in OptionsError
         print(f"shim: refusing to start: {exc}", file=sys.stderr)
         return 2

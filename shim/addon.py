@@ -102,6 +102,10 @@ class Shim:
             "shim_config", str, "", "Path to the shim's YAML config; empty: embedded defaults."
         )
         loader.add_option(  # type: ignore[attr-defined]
+            "shim_log_format", str, "text", "One line per upload event: 'text' (key=value) "
+            "or 'json'."
+        )
+        loader.add_option(  # type: ignore[attr-defined]
             "shim_admin", str, "", "HOST:PORT of the admin listener, or 'off'; empty: the "
             "config's admin.listen."
         )
@@ -133,7 +137,8 @@ class Shim:
         delivery = config.delivery
         outbox = Outbox(store, upstream, DeliveryPolicy(
             wait=delivery.wait, give_up_after=delivery.give_up_after,
-            on_unknown=delivery.on_unknown))
+            on_unknown=delivery.on_unknown),
+            metrics=Metrics("json" if ctx.options.shim_log_format == "json" else "text"))
         self.store = store
         limits = config.limits
         auth = config.auth

@@ -148,7 +148,7 @@ class Engine:
                 previous=previous, account=new.account, max_size=new.max_size))
         if key is not None:
             await self.store.link(key, upload.id)
-        self.metrics.event(upload.protocol, "created")
+        self.metrics.record(upload, "created")
         return upload
 
     async def _check_room(self, owner: str, caps: bool = True) -> None:
@@ -236,7 +236,7 @@ class Engine:
     async def _terminate(self, upload: Upload) -> None:
         try:
             await self.change(upload, Event.TERMINATE, offset=0, updated=self.clock())
-            self.metrics.event(upload.protocol, "terminated")
+            self.metrics.record(upload, "terminated")
         except IllegalTransition:
             raise ShimError("delivering", "the upload is being delivered and cannot be "
                             "cancelled now", 409) from None
@@ -273,6 +273,8 @@ class Engine:
             raise ShimError("completed", "the upload is already complete", 403)
         if declared_length is not None:
             check_length(upload, declared_length, max_size)
+        if offset:
+            self.metrics.record(upload, "resumed")
         return await self._open(upload, upload.offset, body_length, checksum, max_size,
                                 digests, declared_length)
 
@@ -476,6 +478,7 @@ class Engine:
         if active is None or active.interrupt is None:
             return ticket
         active.interrupt()
+        self.metrics.record(active.upload, "taken over")
         try:
             await asyncio.wait_for(active.released.wait(), timeout)
         except TimeoutError:
@@ -606,7 +609,7 @@ class Engine:
                                        updated=self.clock(), update=_still_complete)
         except (IllegalTransition, ShimError):  # another request settled or changed it first
             return await self.store.load(upload.id) or upload
-        self.metrics.event(upload.protocol, "completed")
+        self.metrics.record(upload, "completed")
         self.outbox.kick()
         return upload
 
@@ -702,7 +705,7 @@ class Engine:
         terminated upload's record (kept to answer 410) just goes."""
         if not upload.gone:
             upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
-            self.metrics.event(upload.protocol, "expired")
+            self.metrics.record(upload, "expired")
         await self.store.remove(upload)
         self._tickets.pop(upload.id, None)
 

@@ -4,11 +4,22 @@ the admin listener (`shim.admin`) serves it."""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from typing import Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shim.model import Upload
+
+events = logging.getLogger("shim.events")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, log_format: Literal["text", "json"] = "text") -> None:
+        self.log_format = log_format
+        """How `record` writes its line: `key=value` pairs, or one JSON object."""
         self.registry = CollectorRegistry()
         registry = self.registry
         self.uploads = Counter("shim_uploads", "Upload events, by protocol and event "
@@ -32,3 +43,24 @@ class Metrics:
 
     def event(self, protocol: str, event: str) -> None:
         self.uploads.labels(protocol=protocol, event=event).inc()
+
+    def record(self, upload: Upload, event: str, **details: object) -> None:
+        """One upload event: counted, and one structured log line (id, protocol, owner hash,
+        bytes, total, seconds since creation, and what `details` add)."""
+        if event in COUNTED:
+            self.event(upload.protocol, event)
+        fields: dict[str, object] = {
+            "event": event, "id": upload.id, "protocol": upload.protocol,
+            "owner": upload.owner[:12], "bytes": upload.offset, "total": upload.length,
+            "seconds": round(time.time() - upload.created, 3) if upload.created else None,
+            **details}
+        if self.log_format == "json":
+            events.info("%s", json.dumps(fields, default=str))
+        else:
+            events.info("upload %s", " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+COUNTED = frozenset({"created", "completed", "delivered", "refused", "failed", "expired",
+                     "terminated"})
+"""The events `shim_uploads_total` counts; the others (resumed, taken over, a delivery
+attempted) are log lines only."""

@@ -314,10 +314,14 @@ class Outbox:
         """An attempt's result, and the upload's end if this was it."""
         self.metrics.attempts.labels(result=_RESULTS.get(event, event.name.lower())).inc()
         ended = {State.DELIVERED: "delivered", State.REFUSED: "refused", State.FAILED: "failed"}
-        if upload.state in ended:
-            self.metrics.event(upload.protocol, ended[upload.state])
-            if upload.first_attempt is not None:
-                self.metrics.delivery_seconds.observe(max(0.0, self.clock() - upload.first_attempt))
+        target = upload.target
+        self.metrics.record(
+            upload, ended.get(upload.state, "delivery attempted"),
+            method=target.method if target else None, path=target.path if target else None,
+            status=upload.answer.status if upload.answer else None,
+            problem=upload.problem or None, attempts=upload.attempts)
+        if upload.state in ended and upload.first_attempt is not None:
+            self.metrics.delivery_seconds.observe(max(0.0, self.clock() - upload.first_attempt))
 
     async def _discard_bytes(self, upload: Upload) -> None:
         """The file is out of the shim's hands: free its disk. The parts of a concatenation

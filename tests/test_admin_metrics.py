@@ -4,6 +4,7 @@ uploads through a real shim (a Prometheus scrape is a plain GET)."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import requests
@@ -74,3 +75,32 @@ def test_health_readiness_and_counters_after_known_uploads(
     down = requests.get(f"{admin}/readyz", timeout=TIMEOUT)
     assert down.status_code == 503 and "unreachable" in down.text
     assert requests.get(f"{admin}/healthz", timeout=TIMEOUT).status_code == 200
+
+
+def test_one_json_line_per_upload_event(shim: ShimLauncher, legacy: WholeFileServer) -> None:
+    """`--log-format json`: created, resumed, completed, delivered (with the legacy method,
+    path and status) and terminated, each one JSON object naming the upload."""
+    proc = shim(kind="python-m-shim", extra_args=["--log-format", "json"])
+    data = b"d" * 2000
+    name = base64.b64encode(b"e.bin").decode()
+    created = requests.post(f"{proc.url}/files/", timeout=TIMEOUT, headers={
+        **TUS, "Upload-Length": str(len(data)), "Upload-Metadata": f"filename {name}"})
+    location = created.headers["Location"]
+    for offset in (0, 1000):
+        patched = requests.patch(f"{proc.url}{location}", data=data[offset:offset + 1000],
+                                 timeout=TIMEOUT, headers={
+                                     **TUS, "Upload-Offset": str(offset),
+                                     "Content-Type": "application/offset+octet-stream"})
+        assert patched.status_code == 204, patched.text
+    other = tus_upload(proc.url, b"x" * 10, complete=False)
+    requests.delete(f"{proc.url}{other}", headers=TUS, timeout=TIMEOUT)
+    upload_id = location.rsplit("/", 1)[1]
+    proc.wait_for_output(r'"event": "terminated"')
+    lines = [json.loads(found) for found in re.findall(r"(\{\"event\".*\})", proc.output())]
+    mine = [line for line in lines if line["id"] == upload_id]
+    assert [line["event"] for line in mine] == ["created", "resumed", "completed", "delivered"]
+    delivered = mine[-1]
+    assert (delivered["method"], delivered["path"], delivered["status"]) == (
+        "PUT", f"/uploads/{upload_id}", 201)
+    assert (delivered["bytes"], delivered["total"], delivered["protocol"]) == (2000, 2000, "tus")
+    assert any(line["event"] == "terminated" for line in lines)
