@@ -55,6 +55,7 @@ log = logging.getLogger("shim")
 SWEEP_INTERVAL = 600.0
 GAUGE_INTERVAL = 5.0
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+_CLAIMED_FIELD = "x-shim-claimed"
 _STATE = "shim"
 _FORWARD = "shim-forward"
 _NEEDS_BODY = "shim-needs-body"
@@ -179,6 +180,10 @@ class Shim:
         # for the legacy server itself, as mitmproxy's reverse mode would (_to_legacy).
         ctx.options.update(connection_strategy="eager" if self._eager_sink else "lazy",
                            keep_host_header=True, tcp_timeout=self.config.limits.client_timeout)
+        if hasattr(ctx.options, "dumper_filter") and not ctx.options.dumper_filter:
+            # mitmproxy's per-flow line for a request the shim answered itself would name the
+            # internal sink and its 204; the upload event lines say what happened instead.
+            ctx.options.update(dumper_filter=f"!~hq {_CLAIMED_FIELD}")
         self.sink.max_head = self.config.limits.header_bytes + 4096  # the rerouting fields
         limit_request_heads(self.config.limits.header_bytes)
         await self.sink.start()
@@ -404,6 +409,7 @@ class Shim:
         flow.request.port = self.sink.port
         flow.request.headers.pop("content-length", None)
         flow.request.headers["transfer-encoding"] = "chunked"
+        flow.request.headers[_CLAIMED_FIELD] = "1"  # only the sink sees it (see running)
 
         def stream(data: bytes) -> list[bytes]:
             state.streamed = True

@@ -104,3 +104,16 @@ def test_one_json_line_per_upload_event(shim: ShimLauncher, legacy: WholeFileSer
         "PUT", f"/uploads/{upload_id}", 201)
     assert (delivered["bytes"], delivered["total"], delivered["protocol"]) == (2000, 2000, "tus")
     assert any(line["event"] == "terminated" for line in lines)
+
+
+def test_mitmproxys_flow_lines_leave_out_what_the_shim_answered(
+        shim: ShimLauncher, legacy: WholeFileServer) -> None:
+    """A request the shim answered itself would show as the internal sink and its 204: no
+    flow line for it (the event lines say what happened); pass-through ones keep theirs."""
+    proc = shim()
+    tus_upload(proc.url, b"f" * 100)
+    assert requests.get(f"{proc.url}/passed-through", timeout=TIMEOUT).status_code == 404
+    proc.wait_for_output(r"GET http://\S+/passed-through")
+    output = proc.output()
+    assert not re.search(r"(POST|PATCH) http://127\.0\.0\.1:\d+/files/", output), output[-3000:]
+    assert "event=delivered" in output
