@@ -172,9 +172,14 @@ class Shim:
                 f"storage.dir: cannot use {folder}: {exc.strerror or exc}") from exc
 
     async def running(self) -> None:
-        # Each client connection gets its server connection to the sink at once (see
-        # server_connect). A TLS legacy server rules that out: then connections are lazy,
-        # which still lets the shim answer while the legacy server is down (MITMPROXY.md).
+        self.sink.max_head = self.config.limits.header_bytes + 4096  # the rerouting fields
+        limit_request_heads(self.config.limits.header_bytes)
+        # First: a client that connects from here on gets its connection to the sink (see
+        # server_connect), which must be listening by then.
+        await self.sink.start()
+        # Each client connection gets its server connection to the sink at once. A TLS legacy
+        # server rules that out: then connections are lazy, which still lets the shim answer
+        # while the legacy server is down (MITMPROXY.md).
         self._eager_sink = self.origin is not None and self.origin.scheme == "http"
         # The client's own Host is needed to build absolute upload URLs; the shim rewrites it
         # for the legacy server itself, as mitmproxy's reverse mode would (_to_legacy).
@@ -184,9 +189,6 @@ class Shim:
             # mitmproxy's per-flow line for a request the shim answered itself would name the
             # internal sink and its 204; the upload event lines say what happened instead.
             ctx.options.update(dumper_filter=f"!~hq {_CLAIMED_FIELD}")
-        self.sink.max_head = self.config.limits.header_bytes + 4096  # the rerouting fields
-        limit_request_heads(self.config.limits.header_bytes)
-        await self.sink.start()
         assert self.engine is not None and self.store is not None
         engine = self.engine
         await self.store.drop_leases()  # this process owns the folder: none can be live
@@ -281,7 +283,8 @@ class Shim:
             data.server.sni = origin.host
         if data.client.id in self._first_connect:
             self._first_connect.discard(data.client.id)
-            data.server.address = ("127.0.0.1", self.sink.port)
+            if self.sink.port:  # listening (running() starts it before connections come here)
+                data.server.address = ("127.0.0.1", self.sink.port)
 
     def _to_legacy(self, flow: http.HTTPFlow) -> None:
         """A request the shim does not claim goes to the legacy server, as without the shim."""
