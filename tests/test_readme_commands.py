@@ -11,6 +11,8 @@ the Docker ones by test_docker_files.py (their CMD); the test command is what CI
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from shim.demo_server import WholeFileServer
 from tests.harness import REPO_ROOT, OutputLog, subprocess_env, write_random_file
@@ -129,3 +132,28 @@ def test_the_embedded_line_runs_a_shim_the_client_and_the_listing_work(
     assert listed.returncode == 0, listed.stderr
     assert "delivered" in listed.stdout.lower(), listed.stdout  # the upload just made
     assert os.path.isdir(clone / "shim-data")  # config.example.yaml's storage.dir, here
+
+
+def test_the_curl_recipe_sends_only_what_is_missing(
+        clone: Path, legacy: WholeFileServer, started: list[Running]) -> None:
+    """The README's curl lines, run by bash: with the first MiB already stored (a transfer
+    that broke), they ask, send the rest, and the legacy server gets the file once."""
+    line = with_ports(command(".venv/bin/python -m shim --upstream"), legacy)
+    shim = Running(f"{line} --listen 127.0.0.1:0 --admin 127.0.0.1:0", clone)
+    started.append(shim)
+    data = write_random_file(clone / "big.iso", 3 * 1024 * 1024).read_bytes()
+    url = f"{shim.url}/api/upload/big.iso"
+    first = requests.put(url, data=data[:1024 * 1024], timeout=TIMEOUT, headers={
+        "Content-Range": f"bytes 0-{1024 * 1024 - 1}/{len(data)}"})
+    assert first.status_code == 308, first.text
+    [recipe] = [block for block in blocks("sh") if "Content-Range: bytes */" in block]
+    done = run_shell(recipe.replace("http://127.0.0.1:8000", shim.url), clone)
+    assert done.returncode == 0, done.stderr
+    [received] = legacy.wait_for(1, TIMEOUT)
+    assert (received.size, received.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert json.loads(done.stdout)["sha256"] == received.sha256  # the legacy server's answer
+
+
+def run_shell(script: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", script], cwd=folder, env=env(folder),
+                          capture_output=True, text=True, timeout=TIMEOUT)
