@@ -13,6 +13,7 @@ import h11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shim.metrics import Metrics
+from shim.sink import serve_http
 
 log = logging.getLogger("shim.admin")
 
@@ -38,42 +39,25 @@ class Admin:
                 await self._server.wait_closed()
             self._server = None
 
-    async def _answer(self, target: bytes) -> tuple[int, str, bytes]:
-        path = target.split(b"?")[0]
+    async def _answer(self, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
+        path = request.target.split(b"?")[0]
         if path == b"/healthz":
-            return 200, "text/plain; charset=utf-8", b"ok\n"
+            return _text(200, b"ok\n")
         if path == b"/readyz":
             problem = await self.ready()
             if problem is None:
-                return 200, "text/plain; charset=utf-8", b"ready\n"
-            return 503, "text/plain; charset=utf-8", f"not ready: {problem}\n".encode()
+                return _text(200, b"ready\n")
+            return _text(503, f"not ready: {problem}\n".encode())
         if path == b"/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
-        return 404, "text/plain; charset=utf-8", b"/healthz, /readyz or /metrics\n"
+            body = generate_latest(self.metrics.registry)
+            return 200, [("Content-Type", CONTENT_TYPE_LATEST),
+                         ("Content-Length", str(len(body)))], body
+        return _text(404, b"/healthz, /readyz or /metrics\n")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await reader.read(65536)
-                    conn.receive_data(data)
-                    if not data:
-                        return
-                elif isinstance(event, h11.Request):
-                    status, content_type, body = await self._answer(event.target)
-                    headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-                    if event.method != b"HEAD":
-                        writer.write(conn.send(h11.Data(data=body)) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-                elif isinstance(event, h11.EndOfMessage):
-                    conn.start_next_cycle()
-                elif isinstance(event, h11.ConnectionClosed):
-                    return
-        except (h11.ProtocolError, ConnectionError):
-            return
-        finally:
-            writer.close()
+        await serve_http(reader, writer, self._answer)
+
+
+def _text(status: int, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    return status, [("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(body)))], body

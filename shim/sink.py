@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import h11
 
@@ -34,23 +35,44 @@ class Sink:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await reader.read(65536)
-                    conn.receive_data(data)
-                    if not data:
-                        return
-                elif isinstance(event, h11.EndOfMessage):
-                    writer.write(conn.send(h11.Response(status_code=204, headers=[])) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-                    conn.start_next_cycle()
-                elif isinstance(event, h11.ConnectionClosed):
+        await serve_http(reader, writer, _no_content, self.max_head)
+
+
+Respond = Callable[[h11.Request], Awaitable[tuple[int, list[tuple[str, str]], bytes]]]
+"""Status, fields and body for a request whose whole message has arrived."""
+
+
+async def _no_content(request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
+    return 204, [], b""
+
+
+async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     respond: Respond, max_head: int = 16 * 1024) -> None:
+    """One keep-alive HTTP/1.1 connection of a tiny in-process server (the sink, the admin
+    listener): each request is answered once its message has ended."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+    request: h11.Request | None = None
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(65536)
+                conn.receive_data(data)
+                if not data:
                     return
-        except (h11.ProtocolError, ConnectionError):
-            return
-        finally:
-            writer.close()
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.EndOfMessage) and request is not None:
+                status, headers, body = await respond(request)
+                writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+                if body and request.method != b"HEAD":
+                    writer.write(conn.send(h11.Data(data=body)) or b"")
+                writer.write(conn.send(h11.EndOfMessage()) or b"")
+                await writer.drain()
+                conn.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+    except (h11.ProtocolError, ConnectionError):
+        return
+    finally:
+        writer.close()
