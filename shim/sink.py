@@ -15,16 +15,18 @@ from collections.abc import Awaitable, Callable
 import h11
 
 
-class Sink:
+class SmallServer:
+    """A tiny in-process HTTP/1.1 server on the event loop (the sink, the admin listener):
+    `answer` says what each request gets."""
+
+    max_head = 16 * 1024
+
     def __init__(self) -> None:
         self._server: asyncio.Server | None = None
         self.port = 0
-        self.max_head = 64 * 1024
-        """The largest request head it reads; set to the shim's own limit plus what mitmproxy
-        adds, so that every head the shim accepts reaches it (h11's default is 16 KiB)."""
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -34,16 +36,25 @@ class Sink:
                 await self._server.wait_closed()
             self._server = None
 
+    async def answer(self, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
+        return 204, [], b""
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_http(reader, writer, _no_content, self.max_head)
+        await serve_http(reader, writer, self.answer, self.max_head)
+
+
+class Sink(SmallServer):
+    """Answers every request 204 once its (empty) body has ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.max_head = 64 * 1024
+        """The largest request head it reads; set to the shim's own limit plus what mitmproxy
+        adds, so that every head the shim accepts reaches it (h11's default is 16 KiB)."""
 
 
 Respond = Callable[[h11.Request], Awaitable[tuple[int, list[tuple[str, str]], bytes]]]
 """Status, fields and body for a request whose whole message has arrived."""
-
-
-async def _no_content(request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
-    return 204, [], b""
 
 
 async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
