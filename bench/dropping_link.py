@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shim.demo_server import WholeFileServer
 from tests.harness import ShimProcess, sha256_of, write_random_file
-from tests.test_client_cli import CuttingProxy
+from tests.links import CuttingProxy
 
 MIB = 1024 * 1024
 
