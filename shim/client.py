@@ -217,9 +217,9 @@ class Transport:
     answer may come before the body is all sent (a refusal from the head alone): sending
     stops and the answer is returned. Informational (1xx) answers are skipped."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, cafile: Path | None = None) -> None:
         self.timeout = timeout
-        self.tls = ssl.create_default_context()
+        self.tls = ssl.create_default_context(cafile=cafile)
 
     def request(self, method: str, url: str, fields: Iterable[tuple[str, str]] = (),
                 body: Iterable[bytes] = (), length: int | None = None,
@@ -271,7 +271,7 @@ class Transport:
         """Send the body; False when the server answered early (stop sending: it does not
         want the rest)."""
         for piece in body:
-            if select.select([sock], [], [], 0)[0]:
+            if _answer_began(sock, conn):
                 return False
             sock.sendall(conn.send(h11.Data(data=piece)))
             if on_sent is not None:
@@ -300,6 +300,24 @@ class Transport:
             elif isinstance(event, h11.ConnectionClosed):
                 raise Broken("the connection closed before an answer")
             # h11.InformationalResponse (100, the IETF draft's 104): the answer follows
+
+
+def _answer_began(sock: socket.socket, conn: h11.Connection) -> bool:
+    """Whether the server has begun to answer (or closed); what arrived is given to `conn`.
+    Over TLS a socket may be readable with no answer in it: a TLS 1.3 server sends session
+    tickets after the handshake (RFC 8446 section 4.6.1), which the TLS layer takes."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        data = sock.recv(65536)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False
+    finally:
+        sock.settimeout(timeout)
+    conn.receive_data(data)  # b"": the server closed, which the answer's reader reports
+    return True
 
 
 class Broken(ConnectionError):
@@ -863,6 +881,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-H", "--header", type=header_arg, action="append", default=[],
                         metavar="'K: V'",
                         help="'Name: value' sent with every request (repeatable)")
+    parser.add_argument("--cacert", type=Path, default=None, metavar="FILE",
+                        help="trust the CA certificates in this PEM file for https:// (a "
+                             "shim with a certificate from a private CA), instead of the "
+                             "system's")
     parser.add_argument("--state", type=Path, default=None, metavar="FILE",
                         help=f"where upload URLs are remembered (default {default_state_path()})")
     parser.add_argument("--method", choices=("PUT", "POST"), default="PUT",
@@ -939,7 +961,7 @@ def main(argv: list[str]) -> int:
         if args.new:
             state.forget(job.key)
         with Meter(job.name, job.size, args.quiet) as meter:
-            link = Link(job, Transport(args.timeout), patience, meter, state)
+            link = Link(job, Transport(args.timeout, args.cacert), patience, meter, state)
             done = run(DRIVERS[job.protocol](link), link)
     except Refused as exc:
         fail(str(exc))

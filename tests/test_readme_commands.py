@@ -5,8 +5,9 @@ changed, since tests listen on ports the OS picks (8080 -> the test's legacy ser
 mitmproxy's CA is not written to the user's home.
 
 Covered here: the `mitmdump` line, the embedded `python -m shim` line, the tuspy snippet, the
-resumable client and the operator listing. The first command is run by test_e2e_demo.py,
-the Docker ones by test_docker_files.py (their CMD); the test command is what CI runs.
+resumable client and the operator listing, the curl recipe, and the HTTPS lines. The first
+command is run by test_e2e_demo.py, the Docker ones by test_docker_files.py (their CMD); the
+test command is what CI runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import requests
 
 from shim.demo_server import WholeFileServer
 from tests.harness import REPO_ROOT, OutputLog, subprocess_env, write_random_file
+from tests.pki import issue, make_ca
 
 README = (REPO_ROOT / "README.md").read_text()
 TIMEOUT = 60
@@ -92,8 +94,9 @@ def with_ports(line: str, legacy: WholeFileServer) -> str:
         "--listen-port 8000", "--listen-port 0")
 
 
-def run(line: str, folder: Path, shim_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(shlex.split(line.replace("http://127.0.0.1:8000", shim_url)),
+def run(line: str, folder: Path, shim_url: str,
+        scheme: str = "http") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(shlex.split(line.replace(f"{scheme}://127.0.0.1:8000", shim_url)),
                           cwd=folder, env=env(folder), capture_output=True, text=True,
                           timeout=TIMEOUT)
 
@@ -121,11 +124,11 @@ def test_the_mitmdump_line_runs_a_shim_the_tuspy_snippet_uploads_through(
 
 def test_the_embedded_line_runs_a_shim_the_client_and_the_listing_work(
         clone: Path, legacy: WholeFileServer, started: list[Running]) -> None:
-    line = with_ports(command(".venv/bin/python -m shim --upstream"), legacy)
+    line = with_ports(command(".venv/bin/python -m shim --upstream http://127.0.0.1:8080 --config"), legacy)
     shim = Running(f"{line} --listen 127.0.0.1:0 --admin 127.0.0.1:0", clone)
     started.append(shim)
     write_random_file(clone / "big.iso", 2 * 1024 * 1024)
-    uploaded = run(command(".venv/bin/python -m shim upload "), clone, shim.url)
+    uploaded = run(command(".venv/bin/python -m shim upload big.iso http:"), clone, shim.url)
     assert uploaded.returncode == 0, uploaded.stderr
     assert legacy.wait_for(1, TIMEOUT)[0].size == 2 * 1024 * 1024
     listed = run(command(".venv/bin/python -m shim uploads"), clone, shim.url)
@@ -138,7 +141,7 @@ def test_the_curl_recipe_sends_only_what_is_missing(
         clone: Path, legacy: WholeFileServer, started: list[Running]) -> None:
     """The README's curl lines, run by bash: with the first MiB already stored (a transfer
     that broke), they ask, send the rest, and the legacy server gets the file once."""
-    line = with_ports(command(".venv/bin/python -m shim --upstream"), legacy)
+    line = with_ports(command(".venv/bin/python -m shim --upstream http://127.0.0.1:8080 --config"), legacy)
     shim = Running(f"{line} --listen 127.0.0.1:0 --admin 127.0.0.1:0", clone)
     started.append(shim)
     data = write_random_file(clone / "big.iso", 3 * 1024 * 1024).read_bytes()
@@ -157,3 +160,29 @@ def test_the_curl_recipe_sends_only_what_is_missing(
 def run_shell(script: str, folder: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", "-c", script], cwd=folder, env=env(folder),
                           capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_the_https_lines_serve_a_certificate_the_client_trusts_with_cacert(
+        clone: Path, legacy: WholeFileServer, started: list[Running]) -> None:
+    """`certs='*=shim.pem'` makes the shim present that certificate (for 127.0.0.1, from a
+    private CA); the client given the CA with `--cacert` verifies it and uploads; without it
+    the client refuses the certificate and nothing reaches the legacy server."""
+    ca = make_ca(clone / "pki", "shim-test-ca")
+    shutil.copy(ca.cert_pem, clone / "ca.pem")
+    shutil.copy(issue(ca, clone / "pki", "shim", ip="127.0.0.1").bundle_pem, clone / "shim.pem")
+    line = with_ports(command(".venv/bin/python -m shim --upstream http://127.0.0.1:8080 --set certs"),
+                      legacy)
+    shim = Running(f"{line} --listen 127.0.0.1:0 --admin 127.0.0.1:0", clone)
+    started.append(shim)
+    write_random_file(clone / "big.iso", 2 * 1024 * 1024)
+    https_url = shim.url.replace("http://", "https://")
+    client = command(".venv/bin/python -m shim upload big.iso https:")
+
+    untrusting = run(client.replace(" --cacert ca.pem", ""), clone, https_url, scheme="https")
+    assert untrusting.returncode == 1 and "certificate" in untrusting.stderr, untrusting.stderr
+    assert legacy.received == []
+
+    uploaded = run(client, clone, https_url, scheme="https")
+    assert uploaded.returncode == 0, uploaded.stderr
+    [received] = legacy.wait_for(1, TIMEOUT)
+    assert received.size == 2 * 1024 * 1024
