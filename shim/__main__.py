@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="one line per upload event (created, resumed, taken over, "
                         "completed, delivered, ...): key=value text or JSON")
-    parser.add_argument("-q", "--quiet", action="store_true", help="do not log every request")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="do not log every request and connection (upload events, "
+                        "warnings and errors still are)")
     return parser.parse_args(argv)
 
 
@@ -58,12 +60,15 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def setup_logging() -> None:
+def setup_logging(quiet: bool) -> None:
     """What mitmdump does (mitmproxy.tools.main.run): the root logger passes everything to
-    mitmproxy's termlog, which filters by its own verbosity option."""
+    mitmproxy's termlog, which filters by its own verbosity option. Quiet also drops the
+    proxy's line per connection event (client/server connect, streaming), its warnings kept."""
     logging.getLogger().setLevel(logging.DEBUG)
     for noisy in ("tornado", "asyncio", "hpack"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet:
+        logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
 
 
 def port_taken(host: str, port: int) -> str | None:
@@ -81,7 +86,7 @@ def port_taken(host: str, port: int) -> str | None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    setup_logging()
+    setup_logging(args.quiet)
     host, port = split_listen(args.listen)
     busy = port_taken(host, port)
     if busy is not None:

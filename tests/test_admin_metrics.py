@@ -117,3 +117,15 @@ def test_mitmproxys_flow_lines_leave_out_what_the_shim_answered(
     output = proc.output()
     assert not re.search(r"(POST|PATCH) http://127\.0\.0\.1:\d+/files/", output), output[-3000:]
     assert "event=delivered" in output
+
+
+def test_quiet_leaves_only_upload_events_and_problems(shim: ShimLauncher,
+                                                      legacy: WholeFileServer) -> None:
+    """`python -m shim -q`: no line per request or connection, the upload events still."""
+    proc = shim(kind="python-m-shim", extra_args=["-q"])
+    assert requests.get(f"{proc.url}/passed-through", timeout=TIMEOUT).status_code == 404
+    tus_upload(proc.url, b"q" * 100)
+    proc.wait_for_output(r"event=delivered")
+    output = proc.output()
+    for noise in ("client connect", "server connect", "client disconnect", "/passed-through"):
+        assert noise not in output, output[-3000:]
