@@ -189,6 +189,10 @@ class Shim:
             # mitmproxy's per-flow line for a request the shim answered itself would name the
             # internal sink and its 204; the upload event lines say what happened instead.
             ctx.options.update(dumper_filter=f"!~hq {_CLAIMED_FIELD}")
+        if not ctx.options.listen_host:
+            # mitmdump binds before an addon runs, so the shim cannot choose loopback itself.
+            log.warning("shim: listening on every interface (mitmdump's default); add "
+                        "--listen-host 127.0.0.1 to take uploads from this machine only")
         assert self.engine is not None and self.store is not None
         engine = self.engine
         await self.store.drop_leases()  # this process owns the folder: none can be live

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,13 +36,14 @@ def reverse() -> options.Options:
 
 
 @asynccontextmanager
-async def running_shim(tmp_path: Path, yaml: str = "") -> AsyncIterator[Shim]:
+async def running_shim(tmp_path: Path, yaml: str = "",
+                       listen_host: str = "127.0.0.1") -> AsyncIterator[Shim]:
     config = tmp_path / "shim.yaml"
     config.write_text(f"storage: {{dir: {tmp_path / 'store'}, fsync: false}}\n"
                       f"admin: {{listen: '127.0.0.1:0'}}\n{yaml}")
     shim = Shim()
     with taddons.context(shim, Proxyserver(), options=reverse()) as tctx:
-        tctx.configure(shim, shim_config=str(config))
+        tctx.configure(shim, shim_config=str(config), listen_host=listen_host)
         await shim.running()
         try:
             yield shim
@@ -180,6 +182,20 @@ def test_a_bad_config_refuses_to_start_naming_the_key(tmp_path: Path, yaml: str,
     with taddons.context(shim, Proxyserver(), options=reverse()) as tctx, \
             pytest.raises(exceptions.OptionsError, match=key):
         tctx.configure(shim, shim_config=str(config))
+
+
+@pytest.mark.parametrize(("listen_host", "warned"), [("", True), ("127.0.0.1", False),
+                                                     ("0.0.0.0", False)])
+def test_mitmdumps_every_interface_default_is_pointed_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, listen_host: str, warned: bool) -> None:
+    """An operator who chose an address chose it; mitmdump's default is every interface."""
+    async def run() -> None:
+        async with running_shim(tmp_path, listen_host=listen_host):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="shim"):
+        asyncio.run(run())
+    assert ("listening on every interface" in caplog.text) == warned
 
 
 def test_the_shim_needs_reverse_mode(tmp_path: Path) -> None:

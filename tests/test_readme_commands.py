@@ -186,3 +186,4 @@ def test_the_https_lines_serve_a_certificate_the_client_trusts_with_cacert(
     assert uploaded.returncode == 0, uploaded.stderr
     [received] = legacy.wait_for(1, TIMEOUT)
     assert received.size == 2 * 1024 * 1024
+    assert (clone / ".mitmproxy" / "mitmproxy-ca.pem").is_file()  # mitmproxy's CA, in ~
