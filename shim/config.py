@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-SUPPORTED_INTEROP_VERSIONS = frozenset({3, 5, 6, 7, 8})
+SUPPORTED_INTEROP_VERSIONS = frozenset({3, 5, 6, 7, 8, 9})
 DEFAULT_MAX_SIZE = 10 * 1024**3
 """Every protocol's largest upload unless configured (0: no limit)."""
 
@@ -64,8 +64,8 @@ class IetfConfig:
     """Where the shim's upload resources live: {prefix}<id>."""
     paths: tuple[str, ...] = ()
     """Path prefixes where a POST/PUT with Upload-Complete is upgraded; empty: all."""
-    versions: tuple[int, ...] = (3, 5, 6, 7, 8)
-    """Upload-Draft-Interop-Version values spoken."""
+    versions: tuple[int, ...] = (3, 5, 6, 7, 8, 9)
+    """Upload-Draft-Interop-Version values spoken (9: draft -12)."""
     max_size: int = DEFAULT_MAX_SIZE
     expiration: int = 86400
 

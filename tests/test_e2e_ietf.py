@@ -1,5 +1,5 @@
-"""End to end: the IETF "Resumable Uploads for HTTP" draft (interop 3, 5, 6, 7, 8) through a
-real ``mitmdump`` shim to the real whole-file-only legacy server.
+"""End to end: the IETF "Resumable Uploads for HTTP" draft (interop 3, 5, 6, 7, 8, 9) through
+a real ``mitmdump`` shim to the real whole-file-only legacy server.
 
 Clients are real: tus-js-client 4 in its ``ietf-draft-03`` (interop 5) and ``ietf-draft-05``
 (interop 6) modes, and raw HTTP written by hand on real sockets (h11 for HTTP/1.1, plain and
@@ -69,11 +69,12 @@ PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
 LEAKED_PREFIXES = ("upload-", "tus-", "x-upload-")
 LEAKED_NAMES = ("content-range", "content-digest", "repr-digest", "want-repr-digest")
 
-VERSIONS = (3, 5, 6, 7, 8)
-APPEND_STATUS = {3: 201, 5: 201, 6: 201, 7: 204, 8: 204}
+VERSIONS = (3, 5, 6, 7, 8, 9)
+APPEND_STATUS = {3: 201, 5: 201, 6: 201, 7: 204, 8: 204, 9: 204}
 """A non-final PATCH: 201 up to draft -05 (interop 6), a 204 (the drafts' example) from -06."""
 LIMIT = {3: None, 5: None, 6: "max-size=10737418240, expires=86400",
-         7: "max-size=10737418240, max-age=86400", 8: "max-size=10737418240, max-age=86400"}
+         7: "max-size=10737418240, max-age=86400", 8: "max-size=10737418240, max-age=86400",
+         9: "max-size=10737418240, max-age=86400"}
 """Upload-Limit with the default config (no max size, 1 day): from -04, key renamed in -06."""
 
 LEFT_MID_BODY = r"client left mid-body; upload {id} keeps (\d+) bytes"
@@ -1208,3 +1209,112 @@ def test_plain_post_passes_through(shared: tuple[ShimProcess, WholeFileServer]) 
     assert not [k for k, _ in answer.headers if k.lower().startswith("upload-")], answer
     delivery = delivered_once(legacy, path, data)
     assert (delivery.header("Content-Type"), delivery.header("X-Request-Tag")) == ("text/csv", "plain")
+
+
+# --- 8. interop 9 (draft -12) ----------------------------------------------------------
+
+
+def offset_of(proc: ShimProcess, method: str, location: str) -> Response:
+    """Offset retrieval with HEAD or (interop 9 on) GET."""
+    return request(proc, method, location, {VERSION: "9"})
+
+
+def test_interop_9_session_creation_offsets_conflict_completion_and_replay(
+    shim: ShimLauncher, legacy: WholeFileServer
+) -> None:
+    """Draft -12, raw on one shim of its own: a creation with ``Upload-Complete: ?0`` and the
+    first part; the offset by HEAD and by GET ("Offset Retrieval"); PATCHes at wrong offsets
+    get 409 with ``Upload-Complete: ?0`` ("Upload Append") and keep nothing; a middle part;
+    the last part chunked, without Content-Length, whose end fixes the length ("Length");
+    then HEAD and GET say the answer was produced, the completing request sent again gets
+    the recorded answer, and more bytes are an inconsistent length (no completed-upload
+    type in -12). The legacy server gets one request: the whole file, byte-exact."""
+    proc = shim()
+    path = "/api/v9-session"
+    data = os.urandom(200 * KIB + 13)
+    first, second = 64 * KIB, 150 * KIB + 1
+
+    created = request(proc, "POST", path, creation(9, False, **{"Content-Type": "application/pdf"}),
+                      data[:first])
+    [interim] = created.interim
+    location = resumption(interim, 9)
+    assert created.status == 201, created
+    assert urlsplit(created.header("Location") or "").path == location, created
+    assert (created.header("Upload-Offset"), created.header("Upload-Complete")) == (str(first), "?0")
+    assert created.header("Upload-Limit") == LIMIT[9], created
+    for method in ("HEAD", "GET"):
+        assert_offset(offset_of(proc, method, location), 9, first, False, None)
+
+    for wrong in (0, first - 1, first + 1):
+        conflict = request(proc, "PATCH", location, append(9, wrong, False), b"x" * 100)
+        document = assert_problem(conflict, 409, "mismatching-upload-offset")
+        assert (conflict.header("Upload-Complete"), conflict.header("Upload-Offset")) == (
+            "?0", str(first)), conflict
+        assert (document["expected-offset"], document["provided-offset"]) == (first, wrong)
+    assert_offset(offset_of(proc, "GET", location), 9, first, False, None)
+
+    middle = request(proc, "PATCH", location, append(9, first, False), data[first:second])
+    assert (middle.status, middle.header("Upload-Offset"), middle.header("Upload-Complete")) == (
+        204, str(second), "?0"), middle
+    assert legacy.received == []
+
+    conn = Http1(proc)
+    try:
+        conn.send_head("PATCH", location, append(9, second, True, **{"Transfer-Encoding": "chunked"}),
+                       None)
+        conn.send_body(data[second:])
+        final = conn.read_response()
+    finally:
+        conn.close()
+    assert_final(final, 9, path, data)
+    for method in ("HEAD", "GET"):
+        assert_offset(offset_of(proc, method, location), 9, len(data), True, len(data))
+
+    again = request(proc, "PATCH", location, append(9, len(data), True))
+    assert (again.status, again.body, again.header("Upload-Complete")) == (
+        final.status, final.body, "?1"), again
+    more = request(proc, "PATCH", location, append(9, len(data), True), b"more")
+    assert_problem(more, 400, "inconsistent-upload-length")
+    assert more.header("Upload-Complete") == "?0", more
+
+    assert [(r.method, r.path) for r in legacy.received] == [("POST", path)]
+    delivery = delivered_once(legacy, path, data)
+    assert delivery.header("Content-Type") == "application/pdf"
+
+
+def test_interop_9_options_announce_limits_without_accept_patch(
+    shared: tuple[ShimProcess, WholeFileServer],
+) -> None:
+    """-12 "Limits": OPTIONS of a target URL gets Upload-Limit; Accept-Patch (-10, -11) is
+    gone again. The shim answers it; the legacy server never sees it."""
+    proc, legacy = shared
+    answer = request(proc, "OPTIONS", "/api/files", {VERSION: "9"})
+    assert (answer.status, answer.header(VERSION)) == (200, "9"), answer
+    assert answer.header("Upload-Limit") == LIMIT[9], answer
+    assert answer.header("Accept-Patch") is None, answer
+    assert not [r for r in legacy.received if r.method == "OPTIONS"]
+
+
+def test_interop_9_refusal_for_max_size_carries_upload_limit(
+    shim: ShimLauncher, legacy: WholeFileServer
+) -> None:
+    """-12 "Limits": a request refused for ``max-size`` gets 413 with Upload-Limit, the
+    creation whose length is past it as the append that would take the upload past it; the
+    upload keeps what it had and nothing reaches the legacy server."""
+    proc = shim({"ietf": {"max_size": 1000}})
+    limit = "max-size=1000, max-age=86400"
+    refused = request(proc, "POST", "/api/big", creation(9, True), b"b" * 1001)
+    assert refused.interim == [], refused
+    assert (refused.status, refused.header("Upload-Limit"), refused.header("Upload-Complete")) == (
+        413, limit, "?0"), refused
+
+    created = request(proc, "POST", "/api/grows", creation(9, False), b"a" * 600)
+    assert created.status == 201, created
+    location = urlsplit(created.header("Location") or "").path
+    past = request(proc, "PATCH", location, append(9, 600, False), b"a" * 401)
+    assert (past.status, past.header("Upload-Limit"), past.header("Upload-Complete")) == (
+        413, limit, "?0"), past
+    kept = offset_of(proc, "HEAD", location)
+    assert (kept.status, kept.header("Upload-Offset"), kept.header("Upload-Limit")) == (
+        204, "600", limit), kept
+    assert legacy.received == []

@@ -1,5 +1,5 @@
 """The IETF "Resumable Uploads for HTTP" draft (httpwg/http-extensions,
-draft-ietf-httpbis-resumable-upload), interop versions 3, 5, 6, 7 and 8.
+draft-ietf-httpbis-resumable-upload), interop versions 3, 5, 6, 7, 8 and 9.
 
 The draft's upgrade model is the shim's: a client adds `Upload-Complete` to an ordinary POST
 or PUT to the legacy server's URL; the shim answers `104` with the upload resource's
@@ -30,7 +30,12 @@ from shim.wire import as_bytes, path_allowed
 PARTIAL_UPLOAD = "application/partial-upload"
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
 VERSION_FIELD = "Upload-Draft-Interop-Version"
-LATEST = 8
+DEFAULT_INTEROP = 8
+"""The rules for a request on an upload resource that names no interop version, for OPTIONS
+of one, and recorded for an upload whose creating request named a version the shim does not
+speak. Deliberately not the newest: draft clients must send the field (Appendix "Draft
+Version Identification"), so a request without it comes from no draft in particular, and it
+keeps the rules such requests have always had here."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,30 @@ class Interop:
     final_complete: bool
     """The final response carries `Upload-Complete: ?1` (-06 on)."""
     accept_patch: bool
-    """OPTIONS carries `Accept-Patch: application/partial-upload` (-10 on)."""
+    """OPTIONS carries `Accept-Patch: application/partial-upload` (-10 and -11; -12 dropped
+    it again, "Limits": OPTIONS announces `Upload-Limit` only)."""
+    get_offset: bool = False
+    """GET on the upload resource retrieves the offset as HEAD does (-12 "Offset
+    Retrieval"); before, GET there is 405."""
+    answered: bool = False
+    """`Upload-Complete` in a response says whether it is the target resource's own answer
+    (in a HEAD or GET response: whether that answer was produced), no longer whether every
+    byte is in (-12 "Completeness"). So everything the shim answers itself to a creation or
+    an append says ?0, a 409 included (-12 "Upload Append": MUST), and so does HEAD until the
+    legacy server has answered: the client then completes again (an empty PATCH with ?1) and
+    gets that answer."""
+    completed_problem: bool = True
+    """Bytes appended to a completed upload are the `completed-upload` problem (-04..-11).
+    -12 removed that type and its 410/404 rules: the bytes would take the offset past the
+    length, which is an inconsistent length (400, -12 "Length"); a valid retry of the
+    completing request gets the recorded answer (-12 "Upload Append" allows the replay)."""
+    limit_refusals: bool = False
+    """A request refused for the announced `max-size` gets 413 with `Upload-Limit` (-12
+    "Limits": "SHOULD include the Upload-Limit header field"), and a body that goes past the
+    upload's own length is the inconsistent-length 400 on creation as on append (-12
+    "Length"). Before, both were `inconsistent-upload-length`: 400 on PATCH, 413 otherwise.
+    -12 also makes `min-append-size`/`max-append-size` apply to creation requests; the shim
+    announces neither, so no creation is refused for them in any version."""
 
     @property
     def complete_field(self) -> str:
@@ -66,6 +94,8 @@ VERSIONS = {
     6: Interop(6, "-04/-05", False, PARTIAL_UPLOAD, 201, "expires", False, False),
     7: Interop(7, "-06..-08", False, PARTIAL_UPLOAD, 204, "max-age", True, False),
     8: Interop(8, "-09..-11", False, PARTIAL_UPLOAD, 204, "max-age", True, True),
+    9: Interop(9, "-12", False, PARTIAL_UPLOAD, 204, "max-age", True, False, get_offset=True,
+               answered=True, completed_problem=False, limit_refusals=True),
 }
 _DIGESTS = {"sha-256": "sha256", "sha-512": "sha512"}
 
@@ -111,7 +141,7 @@ class Ietf:
         """The request's interop version; None for an unknown one (Appendix "Draft Version
         Identification": no 104 is sent then)."""
         if version_text is None:
-            return None if not on_resource else self.versions.get(LATEST)
+            return None if not on_resource else self.versions.get(DEFAULT_INTEROP)
         try:
             version = _sf_integer(version_text, VERSION_FIELD)
         except ShimError:
@@ -130,7 +160,7 @@ class Ietf:
         upload_id = new_upload_id()
         new = NewUpload(
             id=upload_id, protocol=self.name, owner=owner, length=length,
-            metadata={"interop": str(interop.version if interop else LATEST)},
+            metadata={"interop": str(interop.version if interop else DEFAULT_INTEROP)},
             target=_target(request), max_size=self.config.max_size,
             expiration=self.config.expiration, digests=_repr_digests(request),
         )
@@ -142,9 +172,11 @@ class Ietf:
         upload_id = request.path[len(self.config.prefix):]
         if not upload_id or "/" in upload_id:
             raise errors.not_found()
-        if request.method in ("HEAD", "DELETE") and _carries_upload_fields(request):
+        retrieval = request.method == "HEAD" or (
+            request.method == "GET" and interop is not None and interop.get_offset)
+        if (retrieval or request.method == "DELETE") and _carries_upload_fields(request):
             raise errors.bad_request(f"{request.method} must not carry Upload-* fields")
-        if request.method == "HEAD":
+        if retrieval:
             return c.Inspect(upload_id, owner, take_over=True)  # "Concurrency"
         if request.method == "DELETE":
             return c.Cancel(upload_id, owner)
@@ -184,7 +216,9 @@ class Ietf:
         if outcome.error is not None:
             if isinstance(command, c.Open) and outcome.upload is not None:
                 base.append(("Location", self._location(request, outcome.upload)))
-            return _problem(outcome.error, interop, base, request, outcome.upload)
+            limit = self._limit(interop) if interop.limit_refusals and \
+                self._over_limit(outcome.error, command, outcome.upload) else None
+            return _problem(outcome.error, interop, base, request, outcome.upload, limit)
         upload = outcome.upload
         if isinstance(command, c.Cancel) or upload is None:
             return Reply(204, tuple(base))
@@ -192,7 +226,8 @@ class Ietf:
         delivery = outcome.delivery
         if delivery is not None and delivery.answer is None:
             return _problem_reply(delivery.status, "", delivery.message, interop,
-                                  base + progress + list(delivery.fields), {})
+                                  base + progress + _not_answered(interop) + list(delivery.fields),
+                                  {})
         answer = delivery.answer if delivery is not None else upload.answer
         location = [("Location", self._location(request, upload))] \
             if isinstance(command, c.Open) else []
@@ -200,7 +235,7 @@ class Ietf:
             if any(k.lower() == "location" for k, _ in answer.headers):
                 location = []  # Location is one field: the target resource's own wins (-10)
             return _final(answer, interop, base + location + progress)
-        status_fields = [*progress, interop.completeness(upload.complete)]
+        status_fields = [*progress, interop.completeness(_says_complete(upload, interop))]
         if isinstance(command, c.Inspect):
             return Reply(204, (*base, *status_fields, *self._status(upload, interop)))
         status = 201 if isinstance(command, c.Open) else interop.append_status
@@ -216,8 +251,21 @@ class Ietf:
     def _reply_interop(self, request: Request, upload: Upload | None) -> Interop:
         interop = self._interop(request.header(VERSION_FIELD), False)
         if interop is None and upload is not None:
-            interop = VERSIONS.get(int(upload.metadata.get("interop", LATEST)))
-        return interop or VERSIONS[LATEST]
+            interop = VERSIONS.get(int(upload.metadata.get("interop", DEFAULT_INTEROP)))
+        return interop or VERSIONS[DEFAULT_INTEROP]
+
+    def _over_limit(self, error: ShimError, command: c.Command, upload: Upload | None) -> bool:
+        """Whether a 413 refuses the request for `max-size` (-12 "Limits") rather than for a
+        body longer than the upload's own length (-12 "Length"): no length is known (the
+        record's, or the one this request declares), or the known one is past the limit."""
+        if error.code != "too-large":
+            return False
+        length = upload.length if upload is not None else None
+        if length is None and isinstance(command, c.Open):
+            length = command.new.length
+        if length is None and isinstance(command, c.Append):
+            length = command.declared_length
+        return length is None or (bool(self.config.max_size) and length > self.config.max_size)
 
     def _location(self, request: Request, upload: Upload) -> str:
         """The same absolute URL in the 104 and the final response (-10, "Upload Creation")."""
@@ -244,7 +292,7 @@ class Ietf:
         return [("Upload-Limit", str(limits))]
 
     def _options(self, interop: Interop | None) -> Reply:
-        interop = interop or VERSIONS[LATEST]
+        interop = interop or VERSIONS[DEFAULT_INTEROP]
         fields = [(VERSION_FIELD, str(interop.version)), *self._limit(interop)]
         if interop.accept_patch:
             fields.append(("Accept-Patch", PARTIAL_UPLOAD))
@@ -363,23 +411,52 @@ _PROBLEMS = {
 
 
 def _problem(error: ShimError, interop: Interop, base: list[tuple[str, str]],
-             request: Request, upload: Upload | None) -> Reply:
-    """Errors as RFC 9457 problem documents, with the draft's problem types (-04 on)."""
-    kind = _PROBLEMS.get(error.code, "")
+             request: Request, upload: Upload | None,
+             limit: list[tuple[str, str]] | None = None) -> Reply:
+    """Errors as RFC 9457 problem documents, with the draft's problem types (-04 on). `limit`:
+    the request is refused for an announced limit, which these `Upload-Limit` fields name
+    (-12 "Limits"; the draft has no problem type for it)."""
+    kind = "" if limit is not None else _problem_kind(error.code, interop)
     status = error.status
     appending = request.method == "PATCH"
     if error.code == "checksum-mismatch" or (
             appending and kind in ("completed-upload", "inconsistent-upload-length")):
         status = 400  # -05 "Upload Append" and RFC 9530: not tus's 403/413/460
+    elif interop.limit_refusals and kind == "inconsistent-upload-length":
+        status = 400  # -12 "Length": a creation's body past its own length, too
     extra = [("Upload-Offset", str(error.details["expected-offset"]))] \
         if "expected-offset" in error.details else []
-    if upload is not None and (kind or upload.complete):
+    if interop.answered:
+        if request.method not in ("HEAD", "GET", "DELETE"):
+            extra += _not_answered(interop)  # -12 "Completeness": not the target's answer
+    elif upload is not None and (kind or upload.complete):
         extra.append(interop.completeness(upload.complete))
     elif appending and interop.final_complete:
         extra.append(interop.completeness(False))  # -06..-09: "any response, successful or not"
     details = {k: v for k, v in error.details.items() if not k[0].isupper()}
+    extra += limit or []
     return _problem_reply(status, kind, error.message, interop, [*base, *extra, *error.fields],
                           details)
+
+
+def _problem_kind(code: str, interop: Interop) -> str:
+    """The draft's problem type for an error code ("" for none)."""
+    if code == "completed" and not interop.completed_problem:
+        return "inconsistent-upload-length"  # -12: no completed-upload type; see Interop
+    return _PROBLEMS.get(code, "")
+
+
+def _says_complete(upload: Upload, interop: Interop) -> bool:
+    """What `Upload-Complete` says of an upload in a status or progress response: every byte
+    is in, or (-12 "Offset Retrieval", see `Interop.answered`) the target resource's answer
+    was produced."""
+    return upload.answer is not None if interop.answered else upload.complete
+
+
+def _not_answered(interop: Interop) -> list[tuple[str, str]]:
+    """`Upload-Complete: ?0` on an answer the shim makes itself, where the version says that
+    this marks it as not the target resource's (-12 "Completeness")."""
+    return [interop.completeness(False)] if interop.answered else []
 
 
 def _problem_reply(status: int, kind: str, detail: str, interop: Interop,
