@@ -42,6 +42,7 @@ from shim.protocols.content_range import ContentRangeProtocol
 from shim.protocols.guard import Guard
 from shim.protocols.ietf import Ietf
 from shim.protocols.routing import route
+from shim.protocols.s3 import S3
 from shim.protocols.seed001 import Seed001
 from shim.protocols.tus import Tus
 from shim.protocols.tus_target import TusTarget
@@ -354,7 +355,7 @@ class Shim:
         try:
             await exchange.begin()
             if exchange.declined:
-                self._note_declined(flow, protocol, command)
+                self._note_declined(flow, protocol, command, request, host_ok)
                 return None
             exchange.on_interrupt(partial(close_client, flow, "a newer request took over"))
             await self._send_interim(flow, exchange)
@@ -402,12 +403,15 @@ class Shim:
             await send_interim(flow, interim.status, interim.reason or "", list(interim.headers))
 
     @staticmethod
-    def _note_declined(flow: http.HTTPFlow, protocol: Protocol, command: Command) -> None:
-        """A request that passes through, but that a protocol still has a word on."""
+    def _note_declined(flow: http.HTTPFlow, protocol: Protocol, command: Command,
+                       request: Request, host_ok: bool) -> None:
+        """A request that passes through, but that a protocol still has a word on. One that
+        needs its body keeps its head as the client sent it: on the way to the legacy server
+        its Host is rewritten, and a signature (S3) covers the client's."""
         if isinstance(command, Forward):
             flow.metadata[_FORWARD] = command
         elif isinstance(command, NeedBody):
-            flow.metadata[_NEEDS_BODY] = protocol  # mitmproxy buffers the small body
+            flow.metadata[_NEEDS_BODY] = (protocol, request, host_ok)  # mitmproxy buffers the body
 
     def _route_to_sink(self, flow: http.HTTPFlow, state: _FlowState) -> None:
         """Stream the body into the exchange; the legacy server sees nothing of this request."""
@@ -431,19 +435,19 @@ class Shim:
         flow.request.stream = stream
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        protocol = flow.metadata.pop(_NEEDS_BODY, None)
-        if protocol is not None and self.engine is not None:
-            await self._decide_on_body(flow, protocol)
+        needs_body = flow.metadata.pop(_NEEDS_BODY, None)
+        if needs_body is not None and self.engine is not None:
+            await self._decide_on_body(flow, *needs_body)
         state = flow.metadata.get(_STATE)
         if isinstance(state, _FlowState) and not state.streamed:
             await self._answer(flow, state)
 
-    async def _decide_on_body(self, flow: http.HTTPFlow, protocol: Protocol) -> None:
+    async def _decide_on_body(self, flow: http.HTTPFlow, protocol: Protocol, head: Request,
+                              host_ok: bool) -> None:
         """Ask the protocol again, now with the body; None leaves the request untouched."""
         assert self.engine is not None
         try:
-            request, host_ok = self._model(flow)
-            request = replace(request, body=flow.request.content or b"")
+            request = replace(head, body=flow.request.content or b"")
             routed = route([protocol], request, _owner(request, self.config.owner_header),
                            host_ok)
             if routed is None or isinstance(routed[1], NeedBody):
@@ -507,6 +511,8 @@ class Shim:
 def _protocols(config: shim_config.Config) -> list[Protocol]:
     """The enabled protocols, in the order they are asked whether a request is theirs."""
     enabled: list[Protocol] = []
+    if config.s3.paths:  # first: every request under its prefixes is S3's
+        enabled.append(S3(config.s3))
     if config.tus.enabled:
         enabled.append(Tus(config.tus))
     if config.webdav.paths:
@@ -532,6 +538,7 @@ def _upload_prefixes(config: shim_config.Config) -> tuple[str, ...]:
         prefixes.append(config.tus.endpoint)
     if config.ietf.enabled:
         prefixes.append(config.ietf.prefix)
+    prefixes.extend(config.s3.paths)
     return tuple(prefixes)
 
 
@@ -542,6 +549,9 @@ def _banner(config: shim_config.Config, origin: Origin, folder: object) -> list[
 
     lines = [f"delivering whole files to {origin.scheme}://{origin.authority}",
              f"keeping partial uploads in {folder}"]
+    if config.s3.paths:
+        lines.append(f"S3 multipart uploads and PutObject under {', '.join(config.s3.paths)} "
+                     f"(auth: {config.s3.auth})")
     if config.tus.enabled:
         lines.append(f"tus: POST {config.tus.endpoint} (tus 1.0.0)")
     if config.webdav.paths:

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from shim import errors
 from shim.errors import ShimError
@@ -19,6 +20,18 @@ from shim.store import ChunkWriter
 class Checksum:
     algorithm: str
     digest: bytes
+
+
+class BodyFilter(Protocol):
+    """What a protocol does to a body as it streams in (S3: aws-chunked decoding, digests).
+    A filtered body is kept whole or not at all."""
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to store for `data` (raises ShimError when the body is malformed)."""
+
+    def end(self) -> dict[str, str]:
+        """The body ended: judge it whole (raises ShimError), and return facts about it to
+        keep in the upload's metadata (S3: its ETag)."""
 
 
 _REFUSALS = frozenset({"too-large", "bad-request", "gap", "range", "conflict"})
@@ -64,6 +77,8 @@ class Append:
         """The body's size by its headers (a Content-Range), when they say; see `check_size`."""
         self.received = 0
         """Body bytes fed so far, compared ones included."""
+        self.filter: BodyFilter | None = None
+        """Decodes and judges the body (see BodyFilter); None: stored as it comes."""
 
     def feed(self, data: bytes) -> None:
         if self.failure is not None or not data or self.ended:
@@ -76,6 +91,12 @@ class Append:
         if self.rewinding is not None and not self.rewinding.done():
             self.held.append(data)  # until the new file's start is on record
             return
+        if self.filter is not None:
+            try:
+                data = self.filter.feed(data)
+            except ShimError as exc:
+                self.failure = exc
+                return
         if self.compare:
             data = self._compare(data)
             if not data:
@@ -150,7 +171,7 @@ class Append:
 
     @property
     def all_or_nothing(self) -> bool:
-        """A checksummed chunk, or a body refused for what it says, is kept whole or not at
-        all; only a body cut off or failed by the disk keeps what arrived."""
-        return self.checksum is not None or (
+        """A checksummed chunk, a filtered body, or a body refused for what it says, is kept
+        whole or not at all; only a body cut off or failed by the disk keeps what arrived."""
+        return self.checksum is not None or self.filter is not None or (
             self.failure is not None and self.failure.code in _REFUSALS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shim.engine import Checksum, Delivery, NewUpload
+from shim.engine import BodyFilter, Checksum, Delivery, NewUpload
 from shim.errors import ShimError
 from shim.model import Reply, Upload
 from shim.wire import ContentRange
@@ -46,7 +46,9 @@ class Report:
 
     owner: str
     key_prefix: str
-    exact_key: str
+    exact_key: str = ""
+    within: str | None = None
+    """Only while the owner's upload with this id is in progress (S3 ListParts)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,15 @@ class Open:
     with a body of unknown length)."""
     interim: Reply | None = None
     """A 1xx to send before the body is read (IETF 104 Upload Resumption Supported)."""
+    body_filter: BodyFilter | None = field(default=None, compare=False)
+    """Decodes and judges the body (S3); the body is then whole or absent: refused or cut
+    off, it leaves no upload behind."""
+    key: str | None = None
+    """Name the upload `key` once its body is accepted; an upload the key named before goes
+    (S3: a part written again replaces the earlier one)."""
+    within: str | None = None
+    """The id of the owner's upload in progress this one is a part of (an S3 multipart
+    upload): it must be receiving, and counts as active."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,20 @@ class Cancel:
     upload_id: str | None
     owner: str
     key: str | None = None
+    family: str | None = None
+    """Key prefix of the uploads that go with it (the parts of an S3 multipart upload)."""
+
+
+@dataclass(frozen=True)
+class Assemble:
+    """Complete the upload `upload_id` from the uploads named by `(key, tag)` pairs, in order,
+    and deliver it (S3 CompleteMultipartUpload; see Engine.assemble)."""
+
+    upload_id: str
+    owner: str
+    parts: tuple[tuple[str, str], ...]
+    min_part_size: int
+    family: str
 
 
 @dataclass(frozen=True)
@@ -161,7 +186,7 @@ class WriteSegments:
 
 
 Command = (Immediate | Refuse | Open | Append | Inspect | Cancel | Concatenate | WriteRange
-           | WriteSegments | NeedBody | Forward | Report)
+           | WriteSegments | NeedBody | Forward | Report | Assemble)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,46 @@ class WebdavConfig:
 
 
 @dataclass(frozen=True)
+class S3Credential:
+    """One S3 access key the shim takes, and what its deliveries carry."""
+
+    access_key: str = ""
+    secret: str = ""
+    forward_headers: dict[str, str] = field(default_factory=dict)
+    """Fields sent to the legacy server with the files this key uploads (its own
+    `Authorization`, say): the client's S3 signature never is."""
+
+
+@dataclass(frozen=True)
+class S3ForwardConfig:
+    method: Literal["PUT", "POST"] = "PUT"
+    path: str = "/uploads/{bucket}/{key}"
+    """Template over {bucket}, {key} (its `/` kept, each segment checked) and {id}."""
+    body: Literal["raw", "multipart"] = "raw"
+    field: str = "file"
+    metadata: bool = True
+    """Forward the object's `x-amz-meta-*` fields with the file."""
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """The S3 multipart upload API (and PutObject) under these path prefixes, where the path
+    below the prefix is <bucket>/<key>; off when empty."""
+
+    paths: tuple[str, ...] = ()
+    auth: Literal["sigv4", "none"] = "sigv4"
+    """sigv4: AWS Signature Version 4 with `credentials`; none: unsigned requests taken, the
+    access key id in them (if any) names the owner (for trusted networks only)."""
+    credentials: tuple[S3Credential, ...] = ()
+    min_part_size: int = 5 * 1024 * 1024
+    """Every part but the last must be at least this big (S3's own rule: 5 MiB)."""
+    max_size: int = DEFAULT_MAX_SIZE
+    expiration: int = 7 * 86400
+    """Seconds of inactivity after which an unfinished multipart upload is removed."""
+    forward: S3ForwardConfig = field(default_factory=S3ForwardConfig)
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     dir: str = "./shim-data"
     fsync: bool = True
@@ -208,6 +248,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
+    s3: S3Config = field(default_factory=S3Config)
     admin: AdminConfig = field(default_factory=AdminConfig)
     public_url: str = ""
     """`scheme://host[:port]` of every absolute URL the shim writes (IETF Location, Google
@@ -268,6 +309,17 @@ def _convert(hint: Any, value: object, key: str, problems: list[str]) -> object:
             allowed = ", ".join(repr(c) for c in choices)
             raise ConfigError(f"{key}: must be one of {allowed}, not {value!r}")
         return value
+    if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list of mappings")
+        item_class = typing.get_args(hint)[0]
+        return tuple(_build(item_class, item, f"{key}[{i}].", problems)
+                     for i, item in enumerate(value))
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{key}: must be a mapping of strings to strings")
+        return dict(value)
     if typing.get_origin(hint) is tuple:
         item_type = typing.get_args(hint)[0]
         if not isinstance(value, list) or not all(
@@ -299,7 +351,8 @@ def _check(config: Config, problems: list[str]) -> None:
                           ("tus_target.paths", config.tus_target.paths),
                           ("seed001.paths", config.seed001.paths),
                           ("byteranges.paths", config.byteranges.paths),
-                          ("webdav.paths", config.webdav.paths)):
+                          ("webdav.paths", config.webdav.paths),
+                          ("s3.paths", config.s3.paths)):
         for prefix in prefixes:
             if not prefix.startswith("/"):
                 problems.append(f"{key}: {prefix!r} must start with '/'")
@@ -318,6 +371,9 @@ def _check(config: Config, problems: list[str]) -> None:
         ("seed001.max_size", config.seed001.max_size),
         ("byteranges.max_size", config.byteranges.max_size),
         ("webdav.max_size", config.webdav.max_size),
+        ("s3.max_size", config.s3.max_size),
+        ("s3.min_part_size", config.s3.min_part_size),
+        ("s3.expiration", config.s3.expiration),
         ("ietf.expiration", config.ietf.expiration),
         ("tus.max_size", config.tus.max_size),
         ("tus.expiration", config.tus.expiration),
@@ -336,6 +392,7 @@ def _check(config: Config, problems: list[str]) -> None:
                          ("auth.expect_wait", config.auth.expect_wait)):
         if positive <= 0:
             problems.append(f"{key}: must be positive, not {positive}")
+    _check_s3(config.s3, problems)
     if not config.tus.forward.field:
         problems.append("tus.forward.field: must not be empty")
     if config.public_url and not _is_origin(config.public_url):
@@ -346,6 +403,24 @@ def _check(config: Config, problems: list[str]) -> None:
         problems.append(f"admin.listen: must be HOST:PORT or empty, not {config.admin.listen!r}")
     if config.auth.preflight == "url" and not _is_origin(config.auth.url, path=True):
         problems.append(f"auth.url: preflight 'url' needs an http(s) URL, not {config.auth.url!r}")
+
+
+def _check_s3(s3: S3Config, problems: list[str]) -> None:
+    for prefix in s3.paths:
+        if not prefix.endswith("/"):
+            problems.append(f"s3.paths: {prefix!r} must end with '/' (the bucket follows)")
+    try:
+        _check_template("s3.forward.path", s3.forward.path)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if s3.paths and s3.auth == "sigv4" and not s3.credentials:
+        problems.append("s3.credentials: sigv4 needs at least one access key (or s3.auth: none)")
+    for i, credential in enumerate(s3.credentials):
+        if not credential.access_key or not credential.secret:
+            problems.append(f"s3.credentials[{i}]: needs access_key and secret")
+    keys = [credential.access_key for credential in s3.credentials]
+    if len(set(keys)) != len(keys):
+        problems.append("s3.credentials: an access key is listed twice")
 
 
 def _is_origin(value: str, path: bool = False) -> bool:

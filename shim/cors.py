@@ -18,7 +18,7 @@ EXPOSED = (
     "Upload-Concat", "Upload-Complete", "Upload-Incomplete", "Upload-Limit",
     "Upload-Draft-Interop-Version", "Tus-Resumable", "Tus-Version", "Tus-Extension",
     "Tus-Max-Size", "Tus-Checksum-Algorithm", "Range", "Retry-After",
-    "Shim-Upstream-Status", "Shim-Upstream-Location",
+    "Shim-Upstream-Status", "Shim-Upstream-Location", "ETag",
 )
 """The fields a script may read from the shim's answers: everything its protocols say."""
 METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"

@@ -15,13 +15,13 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from shim import errors
-from shim.append import Append, Checksum
+from shim.append import Append, BodyFilter, Checksum
 from shim.errors import ShimError
 from shim.lifecycle import AWAITING_DELIVERY, Event, IllegalTransition, State, advance
 from shim.metrics import Metrics
@@ -29,13 +29,18 @@ from shim.model import Target, Upload
 from shim.outbox import Delivery, Outbox
 from shim.store import Conflict, Store, StoreError, pieces, transition
 
-__all__ = ["Append", "Checksum", "Delivery", "Engine", "NewUpload", "ShimError", "new_upload_id"]
+__all__ = ["Append", "BodyFilter", "Checksum", "Delivery", "Engine", "NewUpload", "ShimError",
+           "new_upload_id"]
 
 log = logging.getLogger("shim.engine")
 
 CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "sha512")
 REPORT_LIMIT = 10_000
 """Uploads in progress listed for one folder (WebDAV REPORT)."""
+ASSEMBLED = "assembled-from"
+"""The metadata key of an assembled upload's part list (a digest), to know a retry by."""
+PART_TAG = "etag"
+"""The metadata key under which a part keeps what its client names it by (S3's ETag)."""
 WRITE_LEASE_TTL = 60.0
 """A write lease lapses this long after its last renewal (renewed every third of it)."""
 
@@ -64,6 +69,8 @@ class NewUpload:
     asks: Target | None = None
     """For an upload with no delivery of its own (a tus partial upload): the delivery it may
     become part of, which `auth.preflight` asks the legacy server about."""
+    exclusive_parts: bool = False
+    """The parts it is assembled from are its alone (S3 multipart): they go with its bytes."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,8 @@ class Engine:
                 id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
                 metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
                 updated=now, expires_after=new.expiration, digests=dict(new.digests),
-                previous=previous, account=new.account, max_size=new.max_size))
+                previous=previous, account=new.account, max_size=new.max_size,
+                exclusive_parts=new.exclusive_parts))
         if key is not None:
             await self.store.link(key, upload.id)
         self.metrics.record(upload, "created")
@@ -262,7 +270,8 @@ class Engine:
     async def begin_append(self, upload: Upload, offset: int, body_length: int | None,
                            checksum: Checksum | None = None, max_size: int = 0,
                            digests: dict[str, str] | None = None,
-                           declared_length: int | None = None) -> Append:
+                           declared_length: int | None = None,
+                           body_filter: BodyFilter | None = None) -> Append:
         """Check an append before its body arrives, take the write lease, open the file.
         A length it declares (tus creation-defer-length) is fixed only once every check
         passed: a refused request changes nothing."""
@@ -276,7 +285,7 @@ class Engine:
         if offset:
             self.metrics.record(upload, "resumed")
         return await self._open(upload, upload.offset, body_length, checksum, max_size,
-                                digests, declared_length)
+                                digests, declared_length, body_filter)
 
     async def begin_range(self, upload: Upload, start: int, body_length: int | None,
                           max_size: int = 0, declared_length: int | None = None) -> Append:
@@ -329,8 +338,8 @@ class Engine:
 
     async def _open(self, upload: Upload, offset: int, body_length: int | None,
                     checksum: Checksum | None, max_size: int,
-                    digests: dict[str, str] | None, declared_length: int | None = None
-                    ) -> Append:
+                    digests: dict[str, str] | None, declared_length: int | None = None,
+                    body_filter: BodyFilter | None = None) -> Append:
         length = upload.length if upload.length is not None else declared_length
         room = length - offset if length is not None else None
         if room is None and max_size:
@@ -344,13 +353,14 @@ class Engine:
         if not await self.store.acquire(f"write:{upload.id}", holder, WRITE_LEASE_TTL):
             raise errors.locked()
         try:
-            if checksum is not None:
+            if checksum is not None or body_filter is not None:  # a crash keeps none of it
                 upload = await self.change(upload, unverified_from=offset)
             writer = await self.store.open_writer(upload.id, offset)
         except BaseException:
             await self.store.release(f"write:{upload.id}", holder)
             raise
         append = Append(upload, writer, room, checksum, holder)
+        append.filter = body_filter
         append.digests = digests or upload.digests
         if upload.length is None:
             append.declared_length = declared_length
@@ -366,6 +376,11 @@ class Engine:
             if append.hasher.digest() != append.checksum.digest:
                 failure = errors.checksum_mismatch(append.checksum.algorithm)
         accepted: dict[str, Any] = {}
+        if failure is None and append.filter is not None:
+            try:
+                accepted["metadata"] = {**append.upload.metadata, **append.filter.end()}
+            except ShimError as exc:
+                failure = exc
         if failure is None:  # what the request declares holds only once it is accepted
             accepted["digests"] = append.digests
             if append.declared_length is not None:
@@ -552,6 +567,50 @@ class Engine:
         if (length, offset) != (upload.length, upload.offset):
             upload = await self.change(upload, length=length, offset=offset)
         return upload
+
+    async def assemble(self, upload: Upload, parts: Sequence[tuple[str, str]],
+                       min_part_size: int, family: str) -> Upload:
+        """Make `upload`, which has no bytes of its own, out of the uploads named by the
+        `(key, tag)` pairs, in order (S3 CompleteMultipartUpload). Each must be a complete
+        upload of the same owner whose `PART_TAG` is `tag`, and all but the last at least
+        `min_part_size` bytes. The other uploads under the key prefix `family` are dropped,
+        as S3 drops the parts a completion leaves out. The same parts again: the same upload."""
+        listing = hashlib.sha256("\n".join(f"{key} {tag}" for key, tag in parts).encode()).hexdigest()
+        if upload.parts:  # a retried completion: its parts may be delivered and gone by now
+            if upload.metadata.get(ASSEMBLED) != listing:
+                raise ShimError("completed", "the upload was completed with other parts", 409)
+            return upload
+        chosen = [await self._part(upload, key, tag) for key, tag in parts]
+        ids = tuple(part.id for part in chosen)
+        for number, part in enumerate(chosen[:-1], 1):
+            if (part.length or 0) < min_part_size:
+                raise ShimError("too-small", f"part {number} of the list has {part.length} bytes; "
+                                f"every part but the last needs {min_part_size}", 400,
+                                {"part": parts[number - 1][0]})
+        upload = await self._change_receiving(upload, parts=ids, updated=self.clock(),
+                                              metadata={**upload.metadata, ASSEMBLED: listing})
+        for part in chosen:
+            await self.store.link(f"part-of:{part.id}:{upload.id}", upload.id)
+        await self.drop_family(family, upload.owner, keep=frozenset(ids))
+        return await self.refresh(upload)
+
+    async def _part(self, whole: Upload, key: str, tag: str) -> Upload:
+        part_id = await self.store.resolve(key)
+        part = await self.store.load(part_id) if part_id is not None else None
+        if part is None or part.owner != whole.owner or part.gone or not part.complete \
+                or part.metadata.get(PART_TAG) != tag:
+            raise ShimError("invalid-part", "a part of the list was not uploaded, or its tag "
+                            "does not match", 400, {"part": key})
+        return part
+
+    async def drop_family(self, family: str, owner: str, keep: frozenset[str] = frozenset()) -> None:
+        """Remove the owner's uploads under keys that start with `family` (the parts of an S3
+        multipart upload), but those in `keep`."""
+        for _, part_id in await self.store.links(family, limit=REPORT_LIMIT):
+            part = await self.store.load(part_id)
+            if part is not None and part.owner == owner and part.id not in keep:
+                with contextlib.suppress(Conflict):
+                    await self.store.remove(part)
 
     async def wholes_of(self, part: Upload) -> list[Upload]:
         """The concatenated uploads `part` belongs to, brought up to date."""

@@ -73,6 +73,8 @@ def _resource(command: c.Command) -> str | None:
         return command.upload_id or command.key
     if isinstance(command, c.Open):
         return command.new.id
+    if isinstance(command, c.Assemble):
+        return command.upload_id
     return None
 
 
@@ -188,13 +190,15 @@ class Exchange:
         if isinstance(command, c.Refuse):
             raise command.error
         if isinstance(command, c.Open):
+            if command.within is not None:
+                await self._part_of(command.within, command.new.owner)
             self.upload = await self.engine.create(command.new)
             self.created = True
             if command.with_body:
                 try:
                     self.append = await self.engine.begin_append(
                         self.upload, 0, self.request.body_length, command.checksum,
-                        command.new.max_size)
+                        command.new.max_size, body_filter=command.body_filter)
                 except ShimError:
                     await self._discard_created(self.upload)
                     raise
@@ -209,6 +213,13 @@ class Exchange:
             await self._begin_range(command)
         elif isinstance(command, c.WriteSegments):
             await self._begin_segments(command)
+
+    async def _part_of(self, whole_id: str, owner: str) -> Upload:
+        """The owner's upload a new part belongs to: still taking parts, and now active."""
+        whole = await self.engine.get(whole_id, owner, self.protocol.name)
+        if not whole.receiving or whole.parts:
+            raise errors.not_found("the upload was completed or aborted")
+        return await self.engine.change(whole, updated=self.engine.clock())
 
     async def _begin_append(self, command: c.Append) -> None:
         upload = self.upload = await _required(self.engine, command, self.protocol.name)
@@ -400,7 +411,12 @@ class Exchange:
         if self.append is not None:
             append, self.append = self.append, None
             upload = await self.engine.abort_append(append)
-            log.info("client left mid-body; upload %s keeps %d bytes", upload.id, upload.offset)
+            if isinstance(self.command, c.Open) and self.command.body_filter is not None:
+                await self._discard_created(upload)  # whole or absent
+                log.info("client left mid-body; upload %s keeps nothing", upload.id)
+            else:
+                log.info("client left mid-body; upload %s keeps %d bytes", upload.id,
+                         upload.offset)
 
     async def finish(self) -> Reply:
         try:
@@ -424,8 +440,15 @@ class Exchange:
         if isinstance(command, c.Inspect):
             return await self._inspect(command)
         if isinstance(command, c.Cancel):
-            await self.engine.terminate(await _required(self.engine, command, self.protocol.name))
+            upload = await _required(self.engine, command, self.protocol.name)
+            await self.engine.terminate(upload)
+            if command.family is not None:
+                await self.engine.drop_family(command.family, upload.owner)
             return c.Outcome()
+        if isinstance(command, c.Assemble):
+            whole = await self.engine.get(command.upload_id, command.owner, self.protocol.name)
+            return await self._settle(await self.engine.assemble(
+                whole, command.parts, command.min_part_size, command.family))
         if isinstance(command, c.Concatenate):
             return await self._settle(await self.engine.concatenate(command.new))
         if isinstance(command, c.WriteSegments):
@@ -439,9 +462,25 @@ class Exchange:
                 self.upload = await self.engine.declare_length(self.upload, self.upload.offset, 0)
         if self.upload is None:
             return c.Outcome()
+        if isinstance(command, c.Open) and command.key is not None:
+            await self._name(command.key, self.upload)
         return await self._settle(await self.engine.store.load(self.upload.id) or self.upload)
 
+    async def _name(self, key: str, upload: Upload) -> None:
+        """`key` names `upload` from now on; the one it named before is replaced."""
+        before = await self.engine.store.resolve(key)
+        await self.engine.store.link(key, upload.id)
+        replaced = await self.engine.store.load(before) if before not in (None, upload.id) \
+            else None
+        if replaced is not None and replaced.owner == upload.owner:
+            with contextlib.suppress(Conflict):
+                await self.engine.store.remove(replaced)
+
     async def _report(self, command: c.Report) -> c.Outcome:
+        if command.within is not None:
+            whole = await self.engine.get(command.within, command.owner, self.protocol.name)
+            if not whole.receiving:
+                raise errors.not_found("the upload was completed or aborted")
         listing = await self.engine.in_progress(command.key_prefix, command.owner)
         exact = await self.engine.find(command.exact_key, command.owner)
         if exact is not None and exact.receiving:

@@ -104,6 +104,8 @@ class Upload:
     target: Target | None = None
     parts: tuple[str, ...] = ()
     """For a concatenated upload: the ids of the uploads whose bytes it is made of."""
+    exclusive_parts: bool = False
+    """Its parts are its alone (S3 multipart): their bytes and records go with its own."""
     created: float = 0.0
     updated: float = 0.0
     """When the upload was last active (WebDAV's last-chunk-saved)."""

@@ -325,9 +325,17 @@ class Outbox:
 
     async def _discard_bytes(self, upload: Upload) -> None:
         """The file is out of the shim's hands: free its disk. The parts of a concatenation
-        stay: other final uploads may use them, and they expire on their own."""
+        stay (other final uploads may use them, and they expire on their own), unless they
+        are the upload's alone (S3 multipart): then they go, records and all."""
         if not upload.parts:
             await self.store.discard(upload.id)
+        elif upload.exclusive_parts:
+            for part_id in upload.parts:
+                part = await self.store.load(part_id)
+                if part is not None:
+                    with contextlib.suppress(Conflict):
+                        await self.store.remove(part)
+                await self.store.unlink(f"part-of:{part_id}:{upload.id}", upload.id)
 
     # --- what clients are told ------------------------------------------------------------
 

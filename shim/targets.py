@@ -94,11 +94,13 @@ def media_type(value: str | None, name: str) -> str | None:
     return value.strip()
 
 
-def template_path(template: str, upload_id: str, values: dict[str, str]) -> str:
+def template_path(template: str, upload_id: str, values: dict[str, str],
+                  keep_slashes: frozenset[str] = frozenset()) -> str:
     """The operator's path template filled in: `{id}` is the shim's id whatever the client
     sent; every other placeholder is a client value, percent-encoded whole (no `/`), and
     refused when empty, `.` or `..` before or after decoding (RFC 3986 section 5.2.4 would
-    make those climb the operator's path)."""
+    make those climb the operator's path). The values named in `keep_slashes` (an S3 key)
+    keep their `/`, and each of their segments is checked so."""
     filled: dict[str, str] = {}
     for _, name, _, _ in string.Formatter().parse(template):
         if not name or name in filled:
@@ -109,10 +111,12 @@ def template_path(template: str, upload_id: str, values: dict[str, str]) -> str:
         if name not in values:
             raise errors.bad_request(
                 f"Upload-Metadata must carry {name!r}: the delivery path needs it")
-        value = values[name]
-        if value in _DOT_SEGMENTS or unquote(value) in _DOT_SEGMENTS:
-            raise errors.bad_request(f"the value of {name!r} cannot name a file: {value!r}")
-        filled[name] = quote(value, safe="")
+        segments = values[name].split("/") if name in keep_slashes else [values[name]]
+        for segment in segments:
+            if segment in _DOT_SEGMENTS or unquote(segment) in _DOT_SEGMENTS:
+                raise errors.bad_request(f"the value of {name!r} cannot name a file: "
+                                         f"{values[name]!r}")
+        filled[name] = "/".join(quote(segment, safe="") for segment in segments)
     return template.format_map(filled)
 
 
