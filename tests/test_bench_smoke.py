@@ -59,3 +59,16 @@ def test_dropping_link_bench_delivers_once_and_reports_the_cuts() -> None:
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["exit_code"] == 0 and figures["deliveries"] == 1 and figures["byte_exact"]
     assert figures["cuts"] >= 2 and 24 <= figures["sent_mib"] < 48
+
+
+def test_s3_cp_bench_delivers_once_and_reports_time_and_memory() -> None:
+    """bench/s3_cp.py, small: `aws s3 cp` in parts through the shim and the direct PUT both
+    finish; the object arrives once, byte-exact; the figures are numbers."""
+    done = subprocess.run([sys.executable, "-m", "bench.s3_cp", "--size-mib", "20", "--no-fsync"],
+                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["aws_exit_code"] == 0 and figures["direct_exit_code"] == 0
+    assert figures["deliveries"] == 1 and figures["byte_exact"]
+    assert figures["aws_s3_cp_seconds"] > 0 and figures["shim_peak_rss_mib"] > 0

@@ -28,6 +28,7 @@ from shim.demo_server import ReceivedRequest, WholeFileServer
 from tests.harness import PayloadFactory, ShimLauncher, ShimProcess, sha256_of, subprocess_env
 from tests.legacy_servers import LegacyServer
 from tests.links import CuttingProxy
+from tests.pki import issue, make_ca
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -229,3 +230,24 @@ def test_a_refusal_by_the_legacy_server_is_an_s3_error_carrying_its_status(
     assert error_code(refused) == "LegacyServerRefused"
     assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     assert len(recording_legacy.requests()) == 1
+
+
+def test_over_https_parts_come_aws_chunked_with_trailing_checksums(
+        shim: ShimLauncher, legacy: WholeFileServer, payload: PayloadFactory,
+        tmp_path: Path) -> None:
+    """Over HTTPS boto3 streams every body as `aws-chunked` with its CRC32 in a trailer
+    (STREAMING-UNSIGNED-PAYLOAD-TRAILER): decoded as it arrives, checked, delivered once."""
+    ca = make_ca(tmp_path / "pki", "s3-test-ca")
+    cert = issue(ca, tmp_path / "pki", "shim", ip="127.0.0.1")
+    proc = shim(S3_CONFIG, extra_args=["--set", f"certs=*={cert.bundle_pem}"])
+    s3 = client(proc.url.replace("http://", "https://"), verify=str(ca.cert_pem))
+    encodings: list[str] = []
+    s3.meta.events.register("before-send", lambda request, **_: encodings.append(
+        bytes(request.headers.get("Content-Encoding", b"")).decode()))
+    big, small = payload(20 * MIB), payload(70 * 1024)
+    s3.upload_file(str(big), BUCKET, "big.bin", Config=TRANSFER)
+    s3.upload_file(str(small), BUCKET, "small.bin", Config=TRANSFER)
+    assert encodings.count("aws-chunked") == 4  # three parts and the small object
+    [first, second] = delivered(legacy)
+    assert (first.path, first.sha256) == (f"/uploads/{BUCKET}/big.bin", sha256_of(big))
+    assert (second.path, second.sha256) == (f"/uploads/{BUCKET}/small.bin", sha256_of(small))

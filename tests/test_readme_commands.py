@@ -187,3 +187,25 @@ def test_the_https_lines_serve_a_certificate_the_client_trusts_with_cacert(
     [received] = legacy.wait_for(1, TIMEOUT)
     assert received.size == 2 * 1024 * 1024
     assert (clone / ".mitmproxy" / "mitmproxy-ca.pem").is_file()  # mitmproxy's CA, in ~
+
+
+def test_the_s3_config_and_boto3_snippet_deliver_the_object_once(
+        clone: Path, legacy: WholeFileServer, started: list[Running]) -> None:
+    """The S3 section's YAML as the config, its boto3 snippet as the client."""
+    [yaml_block] = [block for block in blocks("yaml") if block.startswith("s3:")]
+    (clone / "s3.yaml").write_text(yaml_block)
+    line = with_ports(command(".venv/bin/python -m shim --upstream http://127.0.0.1:8080 --config"),
+                      legacy).replace("config.example.yaml", "s3.yaml")
+    shim = Running(f"{line} --listen 127.0.0.1:0 --admin 127.0.0.1:0", clone)
+    started.append(shim)
+    data = write_random_file(clone / "big.iso", 9 * 1024 * 1024).read_bytes()
+    [snippet] = [block for block in blocks("python") if "boto3" in block]
+    script = clone / "s3_snippet.py"
+    script.write_text(snippet.replace("http://127.0.0.1:8000", shim.url))
+    done = subprocess.run([sys.executable, str(script)], cwd=clone, env=env(clone),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    [received] = legacy.wait_for(1, TIMEOUT)
+    assert (received.method, received.path) == ("PUT", "/uploads/site-photos/jobs/2026/big.iso")
+    assert received.sha256 == hashlib.sha256(data).hexdigest()
+    assert received.header("Authorization") == "Bearer token-of-the-legacy-server"
