@@ -10,6 +10,7 @@ import pytest
 from shim.demo_server import WholeFileServer
 from tests.harness import PayloadFactory, ShimLauncher, require_node
 from tests.legacy_servers import LegacyServer
+from tests.links import CuttingProxy, MakeProxy
 
 
 @pytest.fixture
@@ -61,3 +62,21 @@ def payload(tmp_path: Path) -> PayloadFactory:
 def node() -> None:
     """Require node and tus-js-client: skip if missing, but fail under CI."""
     require_node()
+
+
+@pytest.fixture
+def cutting_proxy() -> Iterator[MakeProxy]:
+    """Factory ``cutting_proxy(port, cut_every, stall_at=None) -> CuttingProxy``: a link that
+    drops in front of ``port`` (tests/links.py); every one made is stopped at teardown."""
+    made: list[CuttingProxy] = []
+
+    def make(port: int, cut_every: int, stall_at: int | None = None) -> CuttingProxy:
+        proxy = CuttingProxy(port, cut_every, stall_at)
+        made.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for proxy in made:
+            proxy.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 KIB = 1024
 TIMEOUT = 30.0
@@ -136,3 +137,7 @@ class CuttingProxy:
         self._stopping = True
         self._listener.close()
         self.drop_all()
+
+
+MakeProxy = Callable[..., CuttingProxy]
+"""The `cutting_proxy` fixture: `cutting_proxy(port, cut_every, stall_at=None)`."""

@@ -40,7 +40,7 @@ from tests.harness import (
     wait_until,
 )
 from tests.legacy_servers import LegacyServer
-from tests.links import CuttingProxy
+from tests.links import MakeProxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,15 +57,6 @@ FAST_RETRIES = ("--retry-initial", "0.02", "--retry-max", "0.1", "--timeout", "1
 """Backoff for tests: the shim on loopback is back at once; 1 s doubling would only be slow."""
 
 
-@pytest.fixture
-def proxies() -> Iterator[list[CuttingProxy]]:
-    """Proxies a test made (append them); all stopped at teardown."""
-    made: list[CuttingProxy] = []
-    try:
-        yield made
-    finally:
-        for proxy in made:
-            proxy.stop()
 
 
 # --- the client -----------------------------------------------------------------------------
@@ -141,7 +132,7 @@ def assert_delivered_once(legacy: WholeFileServer, source: Path, path: str) -> R
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_cut_and_killed_client_resumes_and_delivers_once(
     protocol: str, shim: ShimLauncher, legacy: WholeFileServer, payload: PayloadFactory,
-    proxies: list[CuttingProxy], tmp_path: Path,
+    cutting_proxy: MakeProxy, tmp_path: Path,
 ) -> None:
     """4 MiB over a link that drops every 600 KiB: the client is SIGKILLed once 2 MiB went
     through, and run again with the same arguments. The shim held bytes before the rerun,
@@ -152,8 +143,7 @@ def test_cut_and_killed_client_resumes_and_delivers_once(
     proc = shim({"tus": {"forward": {"path": "/uploads/{id}-{filename}"}}})
     source = payload(4 * MIB + 4321, name="photo.png")
     size = source.stat().st_size
-    proxy = CuttingProxy(proc.port, cut_every=600 * KIB, stall_at=2 * MIB)
-    proxies.append(proxy)
+    proxy = cutting_proxy(proc.port, cut_every=600 * KIB, stall_at=2 * MIB)
     state = tmp_path / "client-state.json"
     chunk = "256K" if protocol == "tus" else "1M"
     command = client_command(source, proxy.url + upload_target(protocol, "photo.png"), protocol,

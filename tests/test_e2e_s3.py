@@ -13,7 +13,6 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from botocore.exceptions import ClientError
 from shim.demo_server import ReceivedRequest, WholeFileServer
 from tests.harness import PayloadFactory, ShimLauncher, ShimProcess, sha256_of, subprocess_env
 from tests.legacy_servers import LegacyServer
-from tests.links import CuttingProxy
+from tests.links import MakeProxy
 from tests.pki import issue, make_ca
 
 pytestmark = pytest.mark.timeout(180)
@@ -85,24 +84,15 @@ def s3_shim(shim: ShimLauncher) -> ShimProcess:
     return shim(S3_CONFIG)
 
 
-@pytest.fixture
-def link() -> Iterator[list[CuttingProxy]]:
-    made: list[CuttingProxy] = []
-    try:
-        yield made
-    finally:
-        for proxy in made:
-            proxy.stop()
 
 
 def test_upload_file_in_parallel_parts_through_a_dropping_link_arrives_once(
         s3_shim: ShimProcess, legacy: WholeFileServer, payload: PayloadFactory,
-        link: list[CuttingProxy]) -> None:
+        cutting_proxy: MakeProxy) -> None:
     """64 MiB in 8 MiB parts, 4 at a time, over a link that drops the connection carrying
     every 20th MiB: boto3 retries the parts cut off, and the file arrives once."""
     file = payload(64 * MIB)
-    proxy = CuttingProxy(s3_shim.port, cut_every=20 * MIB)
-    link.append(proxy)
+    proxy = cutting_proxy(s3_shim.port, cut_every=20 * MIB)
     s3 = client(proxy.url)
     s3.upload_file(str(file), BUCKET, "jobs/2026/site a.bin", Config=TRANSFER,
                    ExtraArgs={"ContentType": "application/x-site", "Metadata": {"site": "A7"}})

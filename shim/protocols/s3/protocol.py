@@ -214,7 +214,10 @@ class S3:
                       key=_part_key(op.upload_id, op.part), within=op.upload_id)
 
     def _complete(self, request: Request, op: Operation, owner: str) -> c.Command:
-        if request.body is None:
+        if request.body is None:  # read into memory: only a body of a known, small size
+            if request.body_length is None or request.body_length > documents.COMPLETE_BODY_LIMIT:
+                raise ShimError("MaxMessageLengthExceeded", "the part list needs a Content-Length "
+                                f"of at most {documents.COMPLETE_BODY_LIMIT} bytes", 400)
             return c.NeedBody(documents.COMPLETE_BODY_LIMIT)
         listed = documents.parse_complete_request(request.body)
         numbers = [number for number, _ in listed]
