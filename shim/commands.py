@@ -105,6 +105,9 @@ class Inspect:
     key: str | None = None
     pass_if_missing: bool = False
     """No upload under `key`: the request is not the shim's, it goes to the legacy server."""
+    settle: bool = True
+    """Queue a complete upload and wait for its delivery's outcome; False: only look (S3
+    HeadObject must not wait on the legacy server)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,10 @@ class Assemble:
     parts: tuple[tuple[str, str], ...]
     min_part_size: int
     family: str
+    key: str | None = None
+    """Name the assembled upload `key` (S3: the object's name, for HeadObject)."""
+    facts: dict[str, str] = field(default_factory=dict)
+    """Metadata the assembled upload keeps (S3: its multipart ETag)."""
 
 
 @dataclass(frozen=True)

@@ -569,12 +569,14 @@ class Engine:
         return upload
 
     async def assemble(self, upload: Upload, parts: Sequence[tuple[str, str]],
-                       min_part_size: int, family: str) -> Upload:
+                       min_part_size: int, family: str,
+                       facts: dict[str, str] | None = None) -> Upload:
         """Make `upload`, which has no bytes of its own, out of the uploads named by the
         `(key, tag)` pairs, in order (S3 CompleteMultipartUpload). Each must be a complete
         upload of the same owner whose `PART_TAG` is `tag`, and all but the last at least
         `min_part_size` bytes. The other uploads under the key prefix `family` are dropped,
-        as S3 drops the parts a completion leaves out. The same parts again: the same upload."""
+        as S3 drops the parts a completion leaves out. The same parts again: the same upload.
+        `facts` join its metadata (S3: the object's ETag)."""
         listing = hashlib.sha256("\n".join(f"{key} {tag}" for key, tag in parts).encode()).hexdigest()
         if upload.parts:  # a retried completion: its parts may be delivered and gone by now
             if upload.metadata.get(ASSEMBLED) != listing:
@@ -588,7 +590,8 @@ class Engine:
                                 f"every part but the last needs {min_part_size}", 400,
                                 {"part": parts[number - 1][0]})
         upload = await self._change_receiving(upload, parts=ids, updated=self.clock(),
-                                              metadata={**upload.metadata, ASSEMBLED: listing})
+                                              metadata={**upload.metadata, **(facts or {}),
+                                                        ASSEMBLED: listing})
         for part in chosen:
             await self.store.link(f"part-of:{part.id}:{upload.id}", upload.id)
         await self.drop_family(family, upload.owner, keep=frozenset(ids))

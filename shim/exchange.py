@@ -447,8 +447,11 @@ class Exchange:
             return c.Outcome()
         if isinstance(command, c.Assemble):
             whole = await self.engine.get(command.upload_id, command.owner, self.protocol.name)
-            return await self._settle(await self.engine.assemble(
-                whole, command.parts, command.min_part_size, command.family))
+            whole = await self.engine.assemble(whole, command.parts, command.min_part_size,
+                                               command.family, command.facts)
+            if command.key is not None:
+                await self._name(command.key, whole)
+            return await self._settle(whole)
         if isinstance(command, c.Concatenate):
             return await self._settle(await self.engine.concatenate(command.new))
         if isinstance(command, c.WriteSegments):
@@ -472,7 +475,8 @@ class Exchange:
         await self.engine.store.link(key, upload.id)
         replaced = await self.engine.store.load(before) if before not in (None, upload.id) \
             else None
-        if replaced is not None and replaced.owner == upload.owner:
+        # Only a part goes at once: a file of its own keeps its record for its delivery.
+        if replaced is not None and replaced.owner == upload.owner and replaced.target is None:
             with contextlib.suppress(Conflict):
                 await self.engine.store.remove(replaced)
 
@@ -489,6 +493,8 @@ class Exchange:
 
     async def _inspect(self, command: c.Inspect) -> c.Outcome:
         upload = await self.engine.refresh(await _required(self.engine, command, self.protocol.name))
+        if not command.settle:
+            return c.Outcome(upload=upload, offset=self.engine.offset_of(upload))
         return await self._settle(upload, finishes_wholes=False)
 
     async def _end_segments(self, command: c.WriteSegments) -> c.Outcome | None:

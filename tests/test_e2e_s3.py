@@ -241,3 +241,30 @@ def test_over_https_parts_come_aws_chunked_with_trailing_checksums(
     [first, second] = delivered(legacy)
     assert (first.path, first.sha256) == (f"/uploads/{BUCKET}/big.bin", sha256_of(big))
     assert (second.path, second.sha256) == (f"/uploads/{BUCKET}/small.bin", sha256_of(small))
+
+
+def test_head_object_describes_what_was_delivered_and_nothing_else(
+        s3_shim: ShimProcess, legacy: WholeFileServer, payload: PayloadFactory) -> None:
+    """A tool that checks its upload (rclone HEADs the object) finds the object the shim
+    delivered, with its size, ETag and metadata; an object it never got is 404, and another
+    key's objects are not there for it. Buckets always exist."""
+    s3 = client(s3_shim.url)
+    s3.create_bucket(Bucket=BUCKET)
+    s3.head_bucket(Bucket=BUCKET)
+    with pytest.raises(ClientError) as missing:
+        s3.head_object(Bucket=BUCKET, Key="never.bin")
+    assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    file = payload(12 * MIB)
+    s3.upload_file(str(file), BUCKET, "photos/a.bin", Config=TRANSFER,
+                   ExtraArgs={"Metadata": {"md5chksum": "x"}})
+    s3.put_object(Bucket=BUCKET, Key="small.txt", Body=b"hello", ContentType="text/plain")
+    big = s3.head_object(Bucket=BUCKET, Key="photos/a.bin")
+    assert big["ContentLength"] == 12 * MIB and big["ETag"].endswith('-2"')
+    assert big["Metadata"] == {"md5chksum": "x"}
+    small = s3.head_object(Bucket=BUCKET, Key="small.txt")
+    assert (small["ContentLength"], small["ContentType"]) == (5, "text/plain")
+    assert small["ETag"] == '"' + hashlib.md5(b"hello").hexdigest() + '"'
+    with pytest.raises(ClientError) as stranger:
+        client(s3_shim.url, OTHER_ID, OTHER_SECRET).head_object(Bucket=BUCKET, Key="small.txt")
+    assert stranger.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert len(delivered(legacy)) == 2

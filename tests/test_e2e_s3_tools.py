@@ -10,9 +10,8 @@ the key's own headers and never the client's S3 signature or any `x-amz-*` field
 object's metadata. The big files go in 8 MiB parts (the shim's log shows one upload per part),
 the small ones in one PutObject.
 
-rclone 1.60 sends requests a whole-file legacy server cannot answer unless flags keep it from
-them (see RCLONE_FLAGS); the shim answers them 501 NotImplemented, which rclone reports as a
-failed copy.
+rclone also checks the bucket and the object before and after the upload (see RCLONE_FLAGS):
+the shim answers those itself.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -34,7 +33,7 @@ import pytest
 
 from shim.demo_server import ReceivedRequest, WholeFileServer
 from tests.harness import PayloadFactory, ShimLauncher, ShimProcess, in_ci, sha256_of
-from tests.links import CuttingProxy
+from tests.links import MakeProxy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,18 +65,14 @@ s3 =
 addressing, since the shim's endpoint has the bucket in the path, and 8 MiB parts."""
 
 RCLONE_FLAGS = (
-    "--no-check-dest",          # else a HEAD of the object first: the shim cannot know it
-    "--s3-no-check-bucket",     # else a PUT /<bucket> (CreateBucket) first
-    "--s3-no-head",             # else a HEAD of the object after the upload, to check it
     "--s3-upload-cutoff", "8M",  # multipart above 8 MiB (default 200 MiB)
     "--s3-chunk-size", "8M",
     "--s3-upload-concurrency", "4",
     "-v",
 )
-"""What keeps rclone 1.60's `copyto` to the requests the shim takes: without any one of the
-first three, rclone sends a request the shim answers 501 and the copy fails. Without
---s3-no-head it fails after the upload was delivered, and its whole-copy retries (--retries,
-3 by default) deliver the file again."""
+"""rclone 1.60's `copyto` as a user runs it, with smaller parts: it HEADs the object first
+(404 NoSuchKey: not there yet), PUTs the bucket (CreateBucket: 200), uploads, then HEADs the
+object to check its size and MD5, which the shim answers for an object it delivered."""
 
 PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
 CREATED_RE = re.compile(r"upload event=created id=\S+ protocol=s3 .*?total=(\d+|None)")
@@ -189,14 +184,6 @@ def rclone() -> str:
     pytest.skip("rclone is not installed (Debian: apt-get install rclone)")
 
 
-@pytest.fixture
-def link() -> Iterator[list[CuttingProxy]]:
-    made: list[CuttingProxy] = []
-    try:
-        yield made
-    finally:
-        for proxy in made:
-            proxy.stop()
 
 
 # --- the AWS CLI --------------------------------------------------------------------------
@@ -223,12 +210,11 @@ def test_aws_s3_cp_sends_a_big_file_in_parts_and_a_small_one_whole(
 
 def test_aws_s3_cp_through_a_dropping_link_arrives_once(
         s3_shim: ShimProcess, legacy: WholeFileServer, payload: PayloadFactory,
-        tmp_path: Path, link: list[CuttingProxy]) -> None:
+        tmp_path: Path, cutting_proxy: MakeProxy) -> None:
     """A link that drops the connection carrying every 15th MiB: the CLI sends the parts
     cut off again, and the file arrives once."""
     big = payload(40 * MIB)
-    proxy = CuttingProxy(s3_shim.port, cut_every=15 * MIB)
-    link.append(proxy)
+    proxy = cutting_proxy(s3_shim.port, cut_every=15 * MIB)
     aws(aws_env(tmp_path), proxy.url, "s3", "cp", str(big), f"s3://{BUCKET}/cut/big.bin")
     assert proxy.cuts >= 2
     assert_once(legacy, big, "cut/big.bin")
@@ -256,12 +242,11 @@ def test_rclone_copyto_sends_a_big_file_in_parts_and_a_small_one_whole(
 
 def test_rclone_copyto_through_a_dropping_link_arrives_once(
         rclone: str, s3_shim: ShimProcess, legacy: WholeFileServer, payload: PayloadFactory,
-        tmp_path: Path, link: list[CuttingProxy]) -> None:
+        tmp_path: Path, cutting_proxy: MakeProxy) -> None:
     """rclone's low-level retries send the parts cut off again; `--retries 1` keeps it from
     starting the whole copy over, so these retries alone must manage."""
     big = payload(40 * MIB)
-    proxy = CuttingProxy(s3_shim.port, cut_every=15 * MIB)
-    link.append(proxy)
+    proxy = cutting_proxy(s3_shim.port, cut_every=15 * MIB)
     rclone_copyto(rclone, rclone_env(tmp_path, proxy.url), big, "cut/big.bin",
                   "--low-level-retries", "10", "--retries", "1")
     assert proxy.cuts >= 2

@@ -15,6 +15,8 @@ Operations (Amazon S3 API Reference; sections named after them):
 - AbortMultipartUpload   DELETE /<bucket>/<key>?uploadId=ID
 - ListMultipartUploads   GET    /<bucket>?uploads
 - PutObject              PUT    /<bucket>/<key>
+- HeadObject             HEAD   /<bucket>/<key>   (an object the shim delivered; else 404)
+- HeadBucket, CreateBucket  HEAD, PUT /<bucket>   (200: any bucket name takes uploads)
 Anything else under the prefixes is answered NotImplemented: it is S3's, not the legacy
 server's, and carries the client's S3 signature.
 """
@@ -26,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from email.utils import formatdate
 from urllib.parse import parse_qs, quote, unquote
 
 from shim import commands as c
@@ -33,6 +36,7 @@ from shim import targets
 from shim.config import S3Config, S3Credential
 from shim.engine import NewUpload, new_upload_id
 from shim.errors import ShimError
+from shim.lifecycle import State
 from shim.model import Reply, Request, Upload
 from shim.protocols.s3 import documents, sigv4
 from shim.protocols.s3.body import AwsChunkedDecoder, BodyDigests
@@ -129,7 +133,10 @@ class S3:
         upload_id = query.get("uploadId", [""])[0]
         method = request.method
         if not key:
-            name = "ListMultipartUploads" if method == "GET" and "uploads" in query else "Bucket"
+            name = "ListMultipartUploads" if method == "GET" and "uploads" in query else \
+                {"HEAD": "HeadBucket", "PUT": "CreateBucket"}.get(method, "Bucket")
+            if query and name != "ListMultipartUploads":
+                name = "Bucket"  # ?acl, ?versioning, ...: not a bucket the shim keeps
         elif method == "POST" and "uploads" in query:
             name = "CreateMultipartUpload"
         elif upload_id and method == "PUT" and "partNumber" in query:
@@ -139,6 +146,8 @@ class S3:
                     "DELETE": "AbortMultipartUpload"}.get(method, "Unknown")
         elif method == "PUT" and not query:
             name = "CopyObject" if request.header("x-amz-copy-source") else "PutObject"
+        elif method == "HEAD" and not query:
+            name = "HeadObject"
         else:
             name = "Unknown"
         return Operation(name, bucket, key, upload_id, _part_number(query), query)
@@ -173,7 +182,13 @@ class S3:
         if op.name == "PutObject":
             new = self._new(request, op, owner, credential, new_upload_id(),
                             length=_payload_length(request))
-            return c.Open(new, with_body=True, body_filter=_body(request, signed))
+            return c.Open(new, with_body=True, body_filter=_body(request, signed),
+                          key=_object_key(owner, op.bucket, op.key))
+        if op.name == "HeadObject":
+            return c.Inspect(None, owner, key=_object_key(owner, op.bucket, op.key), settle=False)
+        if op.name in ("HeadBucket", "CreateBucket"):
+            return c.Immediate(Reply(200, (("Location", f"/{op.bucket}"),)
+                                     if op.name == "CreateBucket" else ()))
         raise ShimError("NotImplemented", f"{op.name} is not something this S3 endpoint does; "
                         "it takes multipart uploads and PutObject", 501)
 
@@ -225,8 +240,10 @@ class S3:
             raise ShimError("InvalidPartOrder", "The list of parts was not in ascending order. "
                             "Parts must be ordered by part number.", 400)
         parts = tuple((_part_key(op.upload_id, number), _unquoted(etag)) for number, etag in listed)
+        etag = documents.multipart_etag([tag for _, tag in parts])
         return c.Assemble(op.upload_id, owner, parts, self.config.min_part_size,
-                          _part_family(op.upload_id))
+                          _part_family(op.upload_id), key=_object_key(owner, op.bucket, op.key),
+                          facts={"etag": etag.strip('"')})
 
     # --- render ---------------------------------------------------------------------------
 
@@ -236,6 +253,8 @@ class S3:
         if isinstance(command, c.Refuse):
             return _error(command.error, op, request)
         if outcome.error is not None:
+            if op.name == "HeadObject" and outcome.error.status in (404, 410):
+                return _head(None, op, request)
             return _error(outcome.error, op, request)
         if op.name == "CreateMultipartUpload" and outcome.upload is not None:
             return _xml(documents.initiate_result(op.bucket, op.key, outcome.upload.id))
@@ -247,6 +266,10 @@ class S3:
             return _xml(self._uploads_listing(op, outcome))
         if op.name == "AbortMultipartUpload":
             return Reply(204)
+        if op.name == "HeadObject":
+            return _head(outcome.upload, op, request)
+        if isinstance(command, c.Immediate):
+            return command.reply
         if op.name in ("CompleteMultipartUpload", "PutObject"):
             return self._delivered(request, op, command, outcome)
         return _error(ShimError("InternalError", "no answer for this request", 500), op, request)
@@ -272,8 +295,8 @@ class S3:
                                     f"{answer.status} {answer.reason}: {text}", answer.status),
                           op, request, upstream)
         if isinstance(command, c.Assemble):
-            etag = documents.multipart_etag([tag for _, tag in command.parts])
             location = request.absolute(request.path)
+            etag = documents.s3_etag(command.facts["etag"])
             return _xml(documents.complete_result(location, op.bucket, op.key, etag), upstream)
         assert upload is not None
         return Reply(200, (("ETag", _etag_of(upload)), *upstream))
@@ -330,6 +353,25 @@ def _upload_key(owner: str, bucket: str, key: str, upload_id: str) -> str:
     ListMultipartUploads is a prefix lookup."""
     return f"s3up:{owner}:{bucket}/{key}\n{upload_id}" if upload_id else \
         f"s3up:{owner}:{bucket}/{key}"
+
+
+def _object_key(owner: str, bucket: str, key: str) -> str:
+    """The name of the object last uploaded under `key`, for HeadObject."""
+    return f"s3obj:{owner}:{bucket}/{key}"
+
+
+def _head(upload: Upload | None, op: Operation, request: Request) -> Reply:
+    """HeadObject: an object the shim delivered (and still remembers, until its record
+    expires) is described as S3 would, so a tool that checks its upload (rclone) finds it;
+    anything else is 404 with no body (RFC 9110 section 9.3.2: HEAD has none)."""
+    if upload is None or upload.state is not State.DELIVERED or upload.target is None:
+        return Reply(404, (("x-amz-error-code", "NoSuchKey"),))
+    meta = tuple((k, v) for k, v in upload.target.headers if k.lower().startswith("x-amz-meta-"))
+    fields = [("Content-Length", str(upload.length or 0)), ("ETag", _etag_of(upload)),
+              ("Last-Modified", formatdate(upload.updated, usegmt=True)), *meta]
+    if upload.target.content_type:
+        fields.append(("Content-Type", upload.target.content_type))
+    return Reply(200, tuple(fields))
 
 
 def _part_family(upload_id: str) -> str:
