@@ -37,6 +37,11 @@ log = logging.getLogger("shim.engine")
 CHECKSUM_ALGORITHMS = ("sha1", "md5", "sha256", "sha512")
 REPORT_LIMIT = 10_000
 """Uploads in progress listed for one folder (WebDAV REPORT)."""
+PARTS_ACCOUNT = "(parts)"
+"""What parts count against: nobody's caps (their whole counts against its owner's)."""
+FAMILY = "family"
+"""The metadata key naming the key prefix of an upload's own parts (S3: s3part:<id>:); they
+go when it goes."""
 ASSEMBLED = "assembled-from"
 """The metadata key of an assembled upload's part list (a digest), to know a retry by."""
 PART_TAG = "etag"
@@ -71,6 +76,9 @@ class NewUpload:
     become part of, which `auth.preflight` asks the legacy server about."""
     exclusive_parts: bool = False
     """The parts it is assembled from are its alone (S3 multipart): they go with its bytes."""
+    part_of: str | None = None
+    """The upload in progress it is a part of (S3 UploadPart): it lives as long as that one
+    does, and does not count against the caps, which that one counts against already."""
 
 
 @dataclass(frozen=True)
@@ -144,18 +152,21 @@ class Engine:
         """A new upload; `key` names it for protocols that find uploads by URL, not by id.
         `admitted`: `admit` passed already (a restart checks before it ends the old upload)."""
         if not admitted:
-            await self.admit(new)
+            await self.admit(new, replacing=new.part_of is not None)
         async with self._creating:
-            await self._check_room(_account(new))
+            await self._check_room(_account(new), caps=new.part_of is None)
             now = self.clock()
             upload = await self.store.save(Upload(
                 id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
                 metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
                 updated=now, expires_after=new.expiration, digests=dict(new.digests),
-                previous=previous, account=new.account, max_size=new.max_size,
+                previous=previous, account=_account(new) if new.part_of else new.account,
+                max_size=new.max_size,
                 exclusive_parts=new.exclusive_parts))
         if key is not None:
             await self.store.link(key, upload.id)
+        if new.part_of is not None:  # kept from expiring while its whole is alive (_in_use)
+            await self.store.link(f"part-of:{upload.id}:{new.part_of}", new.part_of)
         self.metrics.record(upload, "created")
         return upload
 
@@ -216,8 +227,8 @@ class Engine:
             if upload is None or upload.owner != owner or not upload.receiving:
                 continue
             expires = upload.expires
-            if expires is not None and expires < self.clock():
-                continue
+            if expires is not None and expires < self.clock() and await self._expired(upload):
+                continue  # (a part of a live upload lives as long as it does)
             found.append((key, upload))
         return found
 
@@ -581,7 +592,7 @@ class Engine:
         if upload.parts:  # a retried completion: its parts may be delivered and gone by now
             if upload.metadata.get(ASSEMBLED) != listing:
                 raise ShimError("completed", "the upload was completed with other parts", 409)
-            return upload
+            return await self.refresh(upload)
         chosen = [await self._part(upload, key, tag) for key, tag in parts]
         ids = tuple(part.id for part in chosen)
         for number, part in enumerate(chosen[:-1], 1):
@@ -589,9 +600,16 @@ class Engine:
                 raise ShimError("too-small", f"part {number} of the list has {part.length} bytes; "
                                 f"every part but the last needs {min_part_size}", 400,
                                 {"part": parts[number - 1][0]})
-        upload = await self._change_receiving(upload, parts=ids, updated=self.clock(),
-                                              metadata={**upload.metadata, **(facts or {}),
-                                                        ASSEMBLED: listing})
+        try:
+            upload = await self.change(upload, update=_not_assembled, parts=ids,
+                                       updated=self.clock(),
+                                       metadata={**upload.metadata, **(facts or {}),
+                                                 ASSEMBLED: listing})
+        except ShimError as exc:  # another completion got there first: the same one, or not
+            first = await self.store.load(upload.id)
+            if exc.code != "completed" or first is None or first.metadata.get(ASSEMBLED) != listing:
+                raise
+            return await self.refresh(first)
         for part in chosen:
             await self.store.link(f"part-of:{part.id}:{upload.id}", upload.id)
         await self.drop_family(family, upload.owner, keep=frozenset(ids))
@@ -612,8 +630,15 @@ class Engine:
         for _, part_id in await self.store.links(family, limit=REPORT_LIMIT):
             part = await self.store.load(part_id)
             if part is not None and part.owner == owner and part.id not in keep:
-                with contextlib.suppress(Conflict):
-                    await self.store.remove(part)
+                await self.remove_part(part)
+
+    async def remove_part(self, part: Upload) -> None:
+        """Forget a part: its record, bytes and keys, and its links to the uploads it was
+        part of."""
+        with contextlib.suppress(Conflict):
+            await self.store.remove(part)
+        for key, whole_id in await self.store.links(f"part-of:{part.id}:"):
+            await self.store.unlink(key, whole_id)
 
     async def wholes_of(self, part: Upload) -> list[Upload]:
         """The concatenated uploads `part` belongs to, brought up to date."""
@@ -633,6 +658,11 @@ class Engine:
             if whole is not None and not whole.gone:
                 wholes.append(whole)
         return wholes
+
+    async def assembled_in(self, part: Upload) -> bool:
+        """Whether `part` is one of the parts an upload not yet delivered is made of."""
+        return any(part.id in whole.parts and whole.state in _NEEDS_PARTS
+                   for whole in await self._wholes(part))
 
     async def _in_use(self, upload: Upload) -> bool:
         """A partial upload that a final upload still needs: one not yet delivered, refused
@@ -770,9 +800,14 @@ class Engine:
             self.metrics.record(upload, "expired")
         await self.store.remove(upload)
         self._tickets.pop(upload.id, None)
+        family = upload.metadata.get(FAMILY)
+        if family and upload.exclusive_parts:
+            await self.drop_family(family, upload.owner)
 
 
 def _account(new: NewUpload) -> str:
+    if new.part_of is not None:
+        return PARTS_ACCOUNT
     return new.account if new.account is not None else new.owner
 
 
@@ -794,6 +829,14 @@ def _still_complete(upload: Upload) -> dict[str, Any]:
     """A guard for a move to COMPLETE on a record read again after a conflict."""
     if not upload.complete:
         raise ShimError("changed", "the upload changed before it was queued", 409)
+    return {}
+
+
+def _not_assembled(upload: Upload) -> dict[str, Any]:
+    """A guard for assembling: another completion that got there first wins."""
+    _still_receiving(upload)
+    if upload.parts:
+        raise ShimError("completed", "the upload was completed by another request", 409)
     return {}
 
 

@@ -192,12 +192,16 @@ class Exchange:
         if isinstance(command, c.Open):
             if command.within is not None:
                 await self._part_of(command.within, command.new.owner)
-            self.upload = await self.engine.create(command.new)
+            self.upload = await self.engine.create(command.new,
+                                                   previous=await self._delivered_as(command))
             self.created = True
             if command.with_body:
+                # A filtered body's size on the wire is not the file's (aws-chunked framing):
+                # the filter checks the size it decodes.
+                length = None if command.body_filter is not None else self.request.body_length
                 try:
                     self.append = await self.engine.begin_append(
-                        self.upload, 0, self.request.body_length, command.checksum,
+                        self.upload, 0, length, command.checksum,
                         command.new.max_size, body_filter=command.body_filter)
                 except ShimError:
                     await self._discard_created(self.upload)
@@ -213,6 +217,19 @@ class Exchange:
             await self._begin_range(command)
         elif isinstance(command, c.WriteSegments):
             await self._begin_segments(command)
+
+    async def _delivered_as(self, command: c.Open) -> str | None:
+        """The file last delivered under the name a new one will take (S3 PutObject): the
+        same bytes again (a retry whose answer was lost) get its answer, not a second
+        delivery (Engine._duplicate_of)."""
+        if command.key is None or command.within is not None:
+            return None
+        before = await self.engine.store.resolve(command.key)
+        earlier = await self.engine.store.load(before) if before is not None else None
+        if earlier is not None and earlier.owner == command.new.owner and \
+                earlier.state is State.DELIVERED:
+            return earlier.id
+        return None
 
     async def _part_of(self, whole_id: str, owner: str) -> Upload:
         """The owner's upload a new part belongs to: still taking parts, and now active."""
@@ -466,19 +483,33 @@ class Exchange:
         if self.upload is None:
             return c.Outcome()
         if isinstance(command, c.Open) and command.key is not None:
+            if command.within is not None:
+                try:  # its whole may have been completed or aborted while it arrived
+                    await self._part_of(command.within, command.new.owner)
+                except ShimError:
+                    await self.engine.remove_part(self.upload)
+                    raise
             await self._name(command.key, self.upload)
         return await self._settle(await self.engine.store.load(self.upload.id) or self.upload)
 
     async def _name(self, key: str, upload: Upload) -> None:
-        """`key` names `upload` from now on; the one it named before is replaced."""
-        before = await self.engine.store.resolve(key)
-        await self.engine.store.link(key, upload.id)
-        replaced = await self.engine.store.load(before) if before not in (None, upload.id) \
-            else None
-        # Only a part goes at once: a file of its own keeps its record for its delivery.
-        if replaced is not None and replaced.owner == upload.owner and replaced.target is None:
-            with contextlib.suppress(Conflict):
-                await self.engine.store.remove(replaced)
+        """`key` names `upload` from now on; the part it named before is replaced. Names are
+        given one at a time per key, so that of two parts sent at once, one is left."""
+        previous, turn = self.engine.queue_begin(f"name:{key}")
+        try:
+            if previous is not None:
+                await asyncio.wait([previous], timeout=TURN_WAIT)
+            before = await self.engine.store.resolve(key)
+            await self.engine.store.link(key, upload.id)
+            replaced = await self.engine.store.load(before) if before not in (None, upload.id) \
+                else None
+            # Only a part goes at once (a file of its own keeps its record for its delivery),
+            # and not one an upload was already assembled from.
+            if replaced is not None and replaced.owner == upload.owner and \
+                    replaced.target is None and not await self.engine.assembled_in(replaced):
+                await self.engine.remove_part(replaced)
+        finally:
+            self.engine.end_turn(f"name:{key}", turn)
 
     async def _report(self, command: c.Report) -> c.Outcome:
         if command.within is not None:

@@ -24,6 +24,7 @@ server's, and carries the client's S3 signature.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,14 +35,23 @@ from urllib.parse import parse_qs, quote, unquote
 from shim import commands as c
 from shim import targets
 from shim.config import S3Config, S3Credential
-from shim.engine import NewUpload, new_upload_id
+from shim.engine import FAMILY, NewUpload, new_upload_id
 from shim.errors import ShimError
 from shim.lifecycle import State
 from shim.model import Reply, Request, Upload
+from shim.outbox import Delivery
 from shim.protocols.s3 import documents, sigv4
 from shim.protocols.s3.body import AwsChunkedDecoder, BodyDigests
 from shim.wire import as_bytes
 
+MAX_KEY_BYTES = 1024
+"""An object key is at most 1,024 bytes of UTF-8 (Amazon S3 User Guide, "Object keys")."""
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
+"""A bucket name: S3's rules (3 to 63 of a-z, 0-9, '.', '-') widened to the legacy names
+us-east-1 still takes (upper case, '_', up to 255); never a '/' nor a dot segment."""
+_NUMBER = re.compile(r"[0-9]{1,9}")
+"""A number in a query or field: ASCII digits only (str.isdigit also takes superscripts
+and full-width digits)."""
 MAX_PARTS = 10_000
 """Part numbers run from 1 to 10,000 (UploadPart, "partNumber")."""
 MAX_PART_SIZE = 5 * 1024**3
@@ -56,7 +66,7 @@ _ENGINE_CODES: dict[str, tuple[str, int]] = {
     "invalid-part": ("InvalidPart", 400),
     "too-small": ("EntityTooSmall", 400),
     "too-large": ("EntityTooLarge", 400),
-    "too-many": ("SlowDown", 503),
+    "too-many-uploads": ("SlowDown", 503),
     "insufficient-storage": ("ServiceUnavailable", 503),
     "locked": ("OperationAborted", 409),
     "completed": ("InvalidRequest", 400),
@@ -170,6 +180,9 @@ class S3:
             return c.Open(new, key=_upload_key(owner, op.bucket, op.key, new.id))
         if op.name == "UploadPart":
             return self._upload_part(request, op, owner, signed)
+        if op.name in ("ListParts", "ListMultipartUploads"):
+            for name in ("max-parts", "part-number-marker", "max-uploads"):
+                _int_param(op, name, 0)  # refused now, not when the answer is written
         if op.name == "ListParts":
             return c.Report(owner, _part_family(op.upload_id), within=op.upload_id)
         if op.name == "CompleteMultipartUpload":
@@ -195,8 +208,10 @@ class S3:
     def _new(self, request: Request, op: Operation, owner: str,
              credential: S3Credential | None, upload_id: str,
              length: int | None = None) -> NewUpload:
-        if not op.bucket:
-            raise ShimError("InvalidBucketName", "the path names no bucket", 400)
+        if not _BUCKET.fullmatch(op.bucket) or ".." in op.bucket:
+            raise ShimError("InvalidBucketName", "The specified bucket is not valid.", 400)
+        if len(op.key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
+            raise ShimError("KeyTooLongError", "Your key is too long", 400)
         if not documents.xml_safe(op.key) or not documents.xml_safe(op.bucket):
             raise ShimError("InvalidArgument", "the key has characters an S3 answer (XML) "
                             "cannot carry", 400)
@@ -211,7 +226,8 @@ class S3:
                                 body=forward.body, field=forward.field,
                                 filename=op.key.rsplit("/", 1)[-1])
         return NewUpload(upload_id, self.name, owner, length,
-                         {"bucket": op.bucket, "key": op.key}, target,
+                         {"bucket": op.bucket, "key": op.key, FAMILY: _part_family(upload_id)},
+                         target,
                          max_size=self.config.max_size, expiration=self.config.expiration,
                          exclusive_parts=True)
 
@@ -224,7 +240,8 @@ class S3:
         if length > MAX_PART_SIZE:
             raise ShimError("EntityTooLarge", "a part is at most 5 GiB", 400)
         new = NewUpload(new_upload_id(), self.name, owner, length, {}, None,
-                        max_size=MAX_PART_SIZE, expiration=self.config.expiration)
+                        max_size=MAX_PART_SIZE, expiration=self.config.expiration,
+                        part_of=op.upload_id)
         return c.Open(new, with_body=True, body_filter=_body(request, signed),
                       key=_part_key(op.upload_id, op.part), within=op.upload_id)
 
@@ -284,10 +301,7 @@ class S3:
         answer = delivery.answer if delivery is not None else (
             upload.answer if upload is not None else None)
         if answer is None:
-            retry = delivery.retry_after if delivery is not None else 1
-            message = delivery.message if delivery is not None else "the file is not complete"
-            return _error(ShimError("ServiceUnavailable", message, 503,
-                                    {"Retry-After": retry or 1}), op, request)
+            return _error(_no_answer(delivery), op, request)
         upstream = (("Shim-Upstream-Status", str(answer.status)),)
         if not answer.accepted:
             text = answer.body[:1024].decode("utf-8", "replace")
@@ -342,6 +356,20 @@ class S3:
 # --- the pieces ---------------------------------------------------------------------------
 
 
+def _no_answer(delivery: Delivery | None) -> ShimError:
+    """Why a complete file has no answer from the legacy server to give: pending (503 with
+    Retry-After: the SDKs retry, and a retry gets the answer once it came), failed for good
+    (502: held for an operator), or not recorded yet (507), as the other protocols say."""
+    if delivery is None:
+        return ShimError("ServiceUnavailable", "the file is not complete", 503, {"Retry-After": 1})
+    if delivery.code == "pending":
+        return ShimError("ServiceUnavailable", delivery.message, 503,
+                         {"Retry-After": delivery.retry_after or 1})
+    code = {"unrecorded": "ServiceUnavailable", "digest-mismatch": "BadDigest"}.get(
+        delivery.code, "DeliveryFailed")
+    return ShimError(code, delivery.message, delivery.status, dict(delivery.fields))
+
+
 def _owner(credential: S3Credential | None, signed: sigv4.Signed | None) -> str:
     """Who may touch an upload: a digest of the access key id that made it."""
     key = signed.access_key if signed is not None else (credential.access_key if credential else "")
@@ -384,14 +412,14 @@ def _part_key(upload_id: str, number: int) -> str:
 
 def _part_number(query: Mapping[str, list[str]]) -> int:
     text = query.get("partNumber", [""])[0]
-    return int(text) if text.isdigit() and len(text) <= 6 else -1
+    return int(text) if _NUMBER.fullmatch(text) else -1
 
 
 def _int_param(op: Operation, name: str, default: int) -> int:
     text = op.param(name)
     if not text:
         return default
-    if not text.isdigit() or len(text) > 9:
+    if not _NUMBER.fullmatch(text):
         raise ShimError("InvalidArgument", f"{name} must be a non-negative integer", 400)
     return int(text)
 
@@ -401,7 +429,7 @@ def _payload_length(request: Request) -> int:
     Content-Length (S3 requires one of them: 411 MissingContentLength)."""
     decoded = request.header("x-amz-decoded-content-length")
     if _aws_chunked(request):
-        if decoded is None or not decoded.strip().isdigit():
+        if decoded is None or not re.fullmatch(r"[0-9]{1,15}", decoded.strip()):
             raise ShimError("MissingContentLength", "an aws-chunked body needs "
                             "x-amz-decoded-content-length", 411)
         return int(decoded)

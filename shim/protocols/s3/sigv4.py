@@ -385,7 +385,12 @@ def _matching_signature(method: str, raw_path: str, query: str,
         for name, value in signed_fields:
             request.headers[name] = value
         request.context["timestamp"] = timestamp
-        string_to_sign = signer.string_to_sign(request, signer.canonical_request(request))
+        try:
+            string_to_sign = signer.string_to_sign(request, signer.canonical_request(request))
+        except (AttributeError, TypeError, ValueError):
+            # botocore's headers hold only ASCII text: a signed field with other bytes (say
+            # a value in UTF-8) cannot be put in canonical form, so it cannot match
+            return None
         expected: str = signer.signature(string_to_sign, request)
         if hmac.compare_digest(expected.encode(), auth.signature.encode()):
             return expected
