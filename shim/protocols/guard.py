@@ -42,22 +42,25 @@ EXPECT_RANGE = "Expect: Range"
 def announced(request: Request) -> list[str]:
     """The upload fields of `request`, named for a person: the forms of seeds 000-004, tus,
     the IETF draft and Google's sessions that make a body a part of a file. The method is
-    the one X-HTTP-Method-Override names, if any: frameworks such as Rails and Express
-    honour it, so a GET overridden to PUT is a PUT to the legacy server."""
-    method = (request.header("x-http-method-override") or request.method).strip().upper()
+    the request's own and the one X-HTTP-Method-Override names, if any: frameworks such as
+    Rails and Express honour the override, so a GET overridden to PUT is a PUT to the legacy
+    server; one that does not sees a PATCH overridden to DELETE as the PATCH it is."""
+    override = (request.header("x-http-method-override") or "").strip().upper()
+    methods = {request.method.upper(), override}
+    body = bool(methods & _WITH_BODY)
     found = []
-    if method in _WITH_BODY and request.header("content-range") is not None:
+    if body and request.header("content-range") is not None:
         found.append(CONTENT_RANGE)
-    if method in _WITH_BODY and request.header("upload-offset") is not None:
+    if body and request.header("upload-offset") is not None:
         found.append(UPLOAD_OFFSET)
-    if method in _WITH_BODY and _partial_ietf(request):
+    if body and _partial_ietf(request):
         found.append(UPLOAD_COMPLETE)
     if request.header("tus-resumable") is not None and (
             request.header("upload-length") is not None
             or request.header("upload-defer-length") is not None):
         found.append(TUS_LENGTH)
     media_type = (request.header("content-type") or "").split(";")[0].strip().lower()
-    if method == "PATCH" and media_type in _BYTERANGES:
+    if "PATCH" in methods and media_type in _BYTERANGES:
         found.append(BYTERANGES)
     if any(name == "range" and _RANGE_VALUE.fullmatch(value.strip())
            for name, value in parse_qsl(request.query, keep_blank_values=True)):
