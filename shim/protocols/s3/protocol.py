@@ -52,6 +52,8 @@ us-east-1 still takes (upper case, '_', up to 255); never a '/' nor a dot segmen
 _NUMBER = re.compile(r"[0-9]{1,9}")
 """A number in a query or field: ASCII digits only (str.isdigit also takes superscripts
 and full-width digits)."""
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
+"""A part's ETag: the hex MD5 of its bytes."""
 MAX_PARTS = 10_000
 """Part numbers run from 1 to 10,000 (UploadPart, "partNumber")."""
 MAX_PART_SIZE = 5 * 1024**3
@@ -256,7 +258,12 @@ class S3:
         if numbers != sorted(set(numbers)):
             raise ShimError("InvalidPartOrder", "The list of parts was not in ascending order. "
                             "Parts must be ordered by part number.", 400)
-        parts = tuple((_part_key(op.upload_id, number), _unquoted(etag)) for number, etag in listed)
+        parts = tuple((_part_key(op.upload_id, number), _unquoted(etag).lower())
+                      for number, etag in listed)
+        if any(not _MD5_HEX.fullmatch(tag) for _, tag in parts):  # no part has such an ETag
+            raise ShimError("InvalidPart", "One or more of the specified parts could not be "
+                            "found. The part may not have been uploaded, or the specified entity "
+                            "tag may not match the part's entity tag.", 400)
         etag = documents.multipart_etag([tag for _, tag in parts])
         return c.Assemble(op.upload_id, owner, parts, self.config.min_part_size,
                           _part_family(op.upload_id), key=_object_key(owner, op.bucket, op.key),
@@ -336,7 +343,10 @@ class S3:
                           for _, upload in outcome.listing if not upload.parts),
                          key=lambda info: (info.key, info.upload_id))
         key_marker, id_marker = op.param("key-marker"), op.param("upload-id-marker")
-        after = [info for info in uploads if (info.key, info.upload_id) > (key_marker, id_marker)]
+        # ListMultipartUploads: after key-marker alone come the keys after it; with an
+        # upload-id-marker, that key's later uploads too
+        after = [info for info in uploads if info.key > key_marker or (
+            id_marker and info.key == key_marker and info.upload_id > id_marker)]
         page, truncated = after[:limit], len(after) > limit
         encode = op.param("encoding-type") == "url"
 
