@@ -477,3 +477,147 @@ def test_fields_that_only_name_an_algorithm_are_not_checksums() -> None:
     fields = [("x-amz-sdk-checksum-algorithm", "CRC32"), ("x-amz-checksum-algorithm", "CRC32"),
               ("x-amz-checksum-type", "FULL_OBJECT"), ("x-amz-checksum-mode", "ENABLED")]
     assert digests_of(fields, b"x") == hashlib.md5(b"x").hexdigest()
+
+
+# --- what each refusal says ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "code", "message"), [
+    (b"zz\r\n", "InvalidChunkSizeError", "The chunk size b'zz' is not 1 to 16 hexadecimal digits."),
+    (b"y" * 40 + b"\r\n", "InvalidChunkSizeError",
+     f"The chunk size {b'y' * 32!r} is not 1 to 16 hexadecimal digits."),
+    (b"4000001\r\n", "InvalidChunkSizeError", "A chunk of 67108865 bytes is larger than 67108864."),
+    (b"3\r\nabcd\r\n", "InvalidChunkSizeError", "A chunk carries more data than its size."),
+    (b"3;" + b"x" * 5000, "InvalidChunkSizeError", "A chunk-size line is longer than 4 KiB."),
+    (b"3\n", "InvalidChunkSizeError", "A chunk-size line does not end in CRLF."),
+    (b"3\r\nabc\n", "InvalidChunkSizeError", "A chunk-size line does not end in CRLF."),
+    (b"0\r\nx-a:1\n", "MalformedTrailerError", "A trailer line does not end in CRLF."),
+    (b"0\r\nx-a:" + b"1" * 5000, "MalformedTrailerError", "A trailer line is longer than 4 KiB."),
+    (b"0\r\nno-colon\r\n", "MalformedTrailerError", "A trailer line is not name:value."),
+    (b"0\r\nx-a:1\r\nX-A:2\r\n", "MalformedTrailerError", "Too many trailers, or x-a twice."),
+    (b"0\r\nx-a:1\r\n\r\nmore", "InvalidRequest", "The aws-chunked body goes on after its end."),
+    (b"5\r\nab", "IncompleteBody", "The aws-chunked body ended inside a chunk."),
+])
+def test_each_malformed_body_says_what_is_wrong(body: bytes, code: str, message: str) -> None:
+    decoder = AwsChunkedDecoder()
+    with pytest.raises(ShimError) as raised:
+        decoder.feed(body)
+        decoder.end()
+    assert (raised.value.code, raised.value.status, raised.value.message) == (code, 400, message)
+
+
+def test_a_length_other_than_the_decoded_length_says_both() -> None:
+    body = botocore_body(b"12345", 2)
+    assert (refused(body, decoded_length=6).message, refused(body, decoded_length=6).status) == (
+        "The body carries 5 bytes, x-amz-decoded-content-length said 6.", 400)
+    error = refused(body, decoded_length=4)
+    assert (error.code, error.status, error.message) == (
+        "InvalidRequest", 400, "The aws-chunked body is longer than x-amz-decoded-content-length (4).")
+
+
+def test_a_body_is_over_at_its_end() -> None:
+    decoder = AwsChunkedDecoder()
+    assert decoder.feed(b"3\r\nabc\r\n0\r\n") == b"abc"
+    assert decoder.end() == {}
+    with pytest.raises(ShimError) as raised:
+        decoder.feed(b"\r\n")
+    assert raised.value.code == "InvalidRequest"
+
+
+@pytest.mark.parametrize("step", [1, 7, 3000, 4096, 4097, 1 << 20])
+def test_a_line_of_4_kib_and_its_line_end_is_the_longest_read(step: int) -> None:
+    for total, fits in ((4096, True), (4097, True), (4098, False)):
+        line = b"x-a:" + b"1" * (total - 6) + b"\r\n"
+        body = b"3\r\nabc\r\n0\r\n" + line + b"\r\n"
+        decoder = AwsChunkedDecoder()
+        try:
+            payload = b"".join(decoder.feed(body[i:i + step]) for i in range(0, len(body), step))
+            trailers = decoder.end()
+        except ShimError as error:
+            assert not fits and error.message == "A trailer line is longer than 4 KiB.", (total, step)
+        else:
+            assert fits and payload == b"abc" and trailers == {"x-a": "1" * (total - 6)}, (total, step)
+
+
+def test_a_trailer_value_may_hold_a_colon_and_other_extensions_are_ignored() -> None:
+    assert decode(b"3;foo=bar;baz\r\nabc\r\n0\r\nx-a: 1:2 \r\n\r\n") == (b"abc", {"x-a": "1:2"})
+
+
+def test_a_signed_chunk_finds_its_signature_among_other_extensions() -> None:
+    body = AWS_BODY.replace(b";chunk-signature=", b";x=1; chunk-signature = ")
+    assert decode(body, signer=sigv4.ChunkSigner(aws_signed()), decoded_length=66560) == (AWS_DATA, {})
+
+
+def test_a_signed_chunk_without_its_signature_says_so() -> None:
+    error = signed_refusal(b"3\r\nabc\r\n0\r\n\r\n")
+    assert (error.code, error.status, error.message) == (
+        "SignatureDoesNotMatch", 403, "A chunk carries no valid chunk-signature.")
+
+
+def test_signed_trailer_refusals_say_why() -> None:
+    start = AWS_TRAILER_BODY.index(b"x-amz-trailer-signature")
+    error = signed_refusal(AWS_TRAILER_BODY[:start] + b"\r\n", sigv4.STREAMING_PAYLOAD_TRAILER)
+    assert (error.code, error.status, error.message) == (
+        "SignatureDoesNotMatch", 403, "The signed trailer carries no x-amz-trailer-signature.")
+    error = signed_refusal(AWS_BODY[:-2] + b"x-amz-checksum-crc32:AAAAAA==\r\n\r\n")
+    assert (error.code, error.status, error.message) == (
+        "MalformedTrailerError", 400,
+        "Trailers need the STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER payload.")
+
+
+def test_digest_refusals_say_which_digest() -> None:
+    md5 = b64(hashlib.md5(b"other").digest())
+    error = digest_refusal([("Content-MD5", md5)])
+    assert (error.code, error.status, error.message) == (
+        "BadDigest", 400, "The Content-MD5 you specified did not match what we received.")
+    error = digest_refusal([("x-amz-content-sha256", hashlib.sha256(b"other").hexdigest())])
+    assert (error.code, error.status, error.message) == (
+        "XAmzContentSHA256Mismatch", 400,
+        "The provided 'x-amz-content-sha256' header does not match what was computed.")
+    error = digest_refusal([("x-amz-checksum-sha1", b64(hashlib.sha1(b"other").digest()))])
+    assert error.message == "The SHA1 you specified did not match the calculated checksum."
+
+
+def test_the_digests_count_the_payload() -> None:
+    digests = BodyDigests.from_fields([], trailers_expected=False)
+    digests.update(b"abc")
+    digests.update(b"de")
+    assert digests.size == 5 and digests.end() == hashlib.md5(b"abcde").hexdigest()
+
+
+def test_a_body_longer_than_announced_is_refused_before_its_extra_data() -> None:
+    decoder = AwsChunkedDecoder(decoded_length=4)
+    assert decoder.feed(b"2\r\nab\r\n2\r\ncd\r\n") == b"abcd"
+    with pytest.raises(ShimError) as raised:
+        decoder.feed(b"1\r\n")
+    assert raised.value.code == "InvalidRequest"
+
+
+@pytest.mark.parametrize(("fields", "chunked", "trailers", "code", "message"), [
+    ([("Content-MD5", "1B2M2Y8AsgTpgAmY7PhCfg==!")], False, {}, "InvalidDigest",
+     "The Content-MD5 you specified is not valid."),
+    ([("Content-MD5", "1B2M2Y8A sgTpgAmY7PhCfg==")], False, {}, "InvalidDigest",
+     "The Content-MD5 you specified is not valid."),
+    ([("Content-MD5", "AA=="), ("Content-MD5", "AA==")], False, {}, "InvalidRequest",
+     "The request carries content-md5 more than once."),
+    ([("x-amz-content-sha256", "abc")], False, {}, "InvalidArgument",
+     "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, a STREAMING- value, or a valid sha256 value."),
+    ([("x-amz-checksum-crc32", "AAAAAA=="), ("x-amz-checksum-sha1", "A" * 27 + "=")], False, {},
+     "InvalidRequest",
+     "Expecting a single x-amz-checksum- header. Multiple checksum Types are not allowed."),
+    ([("x-amz-trailer", "x-amz-checksum-crc32,x-amz-checksum-sha1")], True, {}, "InvalidRequest",
+     "Expecting a single x-amz-checksum- header. Multiple checksum Types are not allowed."),
+    ([("x-amz-trailer", "x-amz-meta-color")], True, {}, "InvalidRequest",
+     "The trailer 'x-amz-meta-color' is not a checksum S3 defines."),
+    ([("x-amz-trailer", "x-amz-checksum-crc32")], False, {}, "InvalidRequest",
+     "x-amz-trailer needs an aws-chunked body."),
+    ([("x-amz-trailer", "x-amz-checksum-crc32")], True, {}, "InvalidRequest",
+     "The trailer x-amz-checksum-crc32 announced by x-amz-trailer is missing."),
+    ([("x-amz-checksum-crc32", "AAAAAAAA")], False, {}, "InvalidRequest",
+     "Value for x-amz-checksum-crc32 header is invalid."),
+])
+def test_each_digest_announcement_refused_says_why(fields: list[tuple[str, str]], chunked: bool,
+                                                   trailers: dict[str, str], code: str,
+                                                   message: str) -> None:
+    error = digest_refusal(fields, b"", trailers, chunked)
+    assert (error.code, error.status, error.message) == (code, 400, message)

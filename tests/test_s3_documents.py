@@ -8,6 +8,7 @@ come from botocore's serializer where one exists.
 from __future__ import annotations
 
 import hashlib
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
@@ -122,6 +123,8 @@ def test_list_uploads_result_lists_uploads_and_markers() -> None:
             for u in result["Uploads"]] == [("a/1.bin", "u-1", "STANDARD", "o-1"),
                                             ("a/2 ü.bin", "u-2", "STANDARD", "o-1")]
     assert result["Uploads"][1]["Initiated"].timestamp() == WHEN + 60
+    assert [(u["Initiator"]["ID"], u["Initiator"]["DisplayName"]) for u in result["Uploads"]] == [
+        ("o-1", "o-1"), ("o-1", "o-1")]
 
 
 def test_list_uploads_result_names_the_url_encoding_it_was_asked_for() -> None:
@@ -285,6 +288,32 @@ def test_a_malformed_part_list_is_malformed_xml(body: bytes) -> None:
     assert (refused.value.code, refused.value.status) == ("MalformedXML", 400)
 
 
+MALFORMED = ("The XML you provided was not well-formed or did not validate against our "
+             "published schema: ")
+
+
+@pytest.mark.parametrize(("body", "detail"), [
+    (b"x" * (d.COMPLETE_BODY_LIMIT + 1), f"the part list is larger than {d.COMPLETE_BODY_LIMIT} bytes"),
+    (b"<a>", "the body is not acceptable XML (no element found: line 1, column 3)"),
+    (complete(part(), root="Other"), "the root element is not CompleteMultipartUpload"),
+    (complete(), "the part list names no part"),
+    (complete(part(), "<Other/>"), "unexpected element Other in the part list"),
+    (complete(part(extra="<Size>5</Size>")), "unexpected element Size in a Part"),
+    (complete(part(extra="<ETag>f</ETag>")), "a Part has a malformed ETag"),
+    (complete(part(number="<n>1</n>")), "a Part has a malformed PartNumber"),
+    (complete("<Part><ETag>e</ETag></Part>"), "a Part lacks its PartNumber or its ETag"),
+    (complete(part(number="0")), "PartNumber '0' is not an integer from 1 to 10000"),
+    (complete(part(etag='abc"')), "ETag 'abc\"' is not an entity tag"),
+    (complete(part(etag='"abc')), "ETag '\"abc' is not an entity tag"),
+    (complete(part(etag='"')), "ETag '\"' is not an entity tag"),
+])
+def test_a_malformed_part_list_says_what_is_wrong(body: bytes, detail: str) -> None:
+    with pytest.raises(ShimError) as refused:
+        d.parse_complete_request(body)
+    assert (refused.value.code, refused.value.status) == ("MalformedXML", 400)
+    assert refused.value.message == f"{MALFORMED}{detail}."
+
+
 @pytest.mark.parametrize("body", [
     b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;">]>'
     b"<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>&b;</ETag></Part>"
@@ -335,3 +364,13 @@ def test_etags_are_quoted_md5s_and_the_multipart_rule() -> None:
 ])
 def test_timestamps_are_iso_8601_with_milliseconds(seconds: float, written: str) -> None:
     assert d.timestamp(seconds) == written
+
+
+def test_timestamps_are_utc_whatever_the_local_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        assert d.timestamp(1795444704) == "2026-11-23T14:38:24.000Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -14,8 +14,10 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from unittest import mock
 from urllib.parse import urlsplit
 
 import boto3
@@ -418,3 +420,185 @@ def test_the_signing_key_is_the_one_botocore_signs_with() -> None:
     key = sigv4.signing_key(SECRET, "20260102", "eu-west-3")
     assert auth.signature(string_to_sign, request) == hmac.new(
         key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+# --- what each refusal says (S3's own wording where S3 has one) ----------------------------------
+
+
+def fixed_request(method: str = "GET", url: str = "http://s3.local/b/k?uploadId=u",
+                  headers: dict[str, str] | None = None,
+                  when: datetime = datetime(2026, 1, 2, 3, 4, 5)) -> tuple[list[tuple[str, str]], float]:
+    """A request botocore signs at `when` (naive UTC): its fields as received, and that time."""
+    request = AWSRequest(method, url, headers=headers or {})
+    with mock.patch("botocore.auth.get_current_datetime", return_value=when):
+        S3SigV4Auth(Credentials(KEY, SECRET), "s3", "us-east-1").add_auth(request)
+    return [("Host", "s3.local"), *request.headers.items()], float(calendar.timegm(when.timetuple()))
+
+
+def refusal(fields: list[tuple[str, str]], now: float, method: str = "GET", path: str = "/b/k",
+            query: str = "uploadId=u") -> tuple[str, int, str]:
+    with pytest.raises(ShimError) as raised:
+        sigv4.verify(method, path, query, fields, SECRETS, now)
+    return raised.value.code, raised.value.status, raised.value.message
+
+
+def changed(fields: list[tuple[str, str]], name: str, value: str | None) -> list[tuple[str, str]]:
+    kept = [(k, v) for k, v in fields if k.lower() != name]
+    return kept if value is None else [*kept, (name, value)]
+
+
+def test_each_refusal_says_what_s3_would() -> None:
+    fields, now = fixed_request()
+    authorization = dict((k.lower(), v) for k, v in fields)["authorization"]
+    assert refusal(changed(fields, "authorization", None), now) == (
+        "AccessDenied", 403, "Access Denied: the request is not signed.")
+    assert refusal([*fields, ("Authorization", authorization)], now) == (
+        "AuthorizationHeaderMalformed", 400,
+        "The request carries more than one Authorization header.")
+    assert refusal(changed(fields, "authorization", "Bearer x"), now) == (
+        "AccessDenied", 403, "Only AWS4-HMAC-SHA256 authorization is accepted.")
+    assert refusal(changed(fields, "authorization", authorization.replace("/20260102/", "/20260103/")),
+                   now) == ("AuthorizationHeaderMalformed", 400, 'Invalid credential date '
+                            '"20260103". This date is not the same as X-Amz-Date: "20260102".')
+    assert refusal(changed(fields, "authorization", authorization.replace(KEY, "AKIDNOBODY")),
+                   now) == ("InvalidAccessKeyId", 403, "The AWS Access Key Id you provided does "
+                            "not exist in our records.")
+    assert refusal(fields, now + 901) == (
+        "RequestTimeTooSkewed", 403,
+        "The difference between the request time and the current time is too large.")
+    assert refusal(fields, now, path="/b/other") == (
+        "SignatureDoesNotMatch", 403, "The request signature we calculated does not match the "
+        "signature you provided. Check your key and signing method.")
+    assert refusal(changed(fields, "x-amz-date", None), now) == (
+        "AccessDenied", 403, "AWS authentication requires a valid Date or x-amz-date header")
+    assert refusal(changed(fields, "x-amz-content-sha256", None), now) == (
+        "InvalidRequest", 400, "Missing required header for this request: x-amz-content-sha256")
+    assert refusal([*fields, ("x-amz-content-sha256", sigv4.UNSIGNED_PAYLOAD)], now) == (
+        "InvalidArgument", 400, "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, "
+        "STREAMING-UNSIGNED-PAYLOAD-TRAILER, STREAMING-AWS4-HMAC-SHA256-PAYLOAD, "
+        "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER, or a valid sha256 value.")
+    assert refusal([*fields, ("X-Amz-Meta-B", "1"), ("x-amz-meta-a", "2")], now) == (
+        "AccessDenied", 403, "There were headers present in the request which were not signed: "
+        "x-amz-meta-a, x-amz-meta-b")
+    no_host = authorization.replace("SignedHeaders=host;", "SignedHeaders=")
+    assert refusal(changed(fields, "authorization", no_host), now) == (
+        "AccessDenied", 403, "The host header must be signed (SignedHeaders).")
+    more = authorization.replace("x-amz-date,", "x-amz-date;x-custom;x-more,")
+    assert refusal(changed(fields, "authorization", more), now) == (
+        "SignatureDoesNotMatch", 403, "The request does not carry the signed headers x-custom, "
+        "x-more.")
+
+
+@pytest.mark.parametrize(("authorization", "message"), [
+    (GOOD.replace(", Signature=" + "0" * 64, "").replace(", SignedHeaders=host;x-amz-content-sha256;"
+                                                           "x-amz-date", ""),
+     "The authorization header is missing SignedHeaders, Signature."),
+    (GOOD.replace("SignedHeaders=host", "SignedHeaders=Host"),
+     "SignedHeaders must be lower-case header names separated by ';'."),
+    (GOOD.replace("0" * 64, "0" * 63), "The signature must be 64 lower-case hexadecimal digits."),
+    (GOOD + ", Extra=1", "The authorization header component 'Extra=1' is not understood."),
+    (GOOD.replace("/s3/", "/ec2/"), "The credential scope must end in /s3/aws4_request."),
+    (GOOD.replace("/20260101/", "/2026-01-01/"), "The credential's date '2026-01-01' is not YYYYMMDD."),
+    (GOOD.replace("us-east-1/s3", "us-east-1/extra/s3"),
+     "The credential 'AKIDSHIMTEST/20260101/us-east-1/extra/s3/aws4_request' is not "
+     "<access key>/<date>/<region>/s3/aws4_request."),
+])
+def test_a_malformed_authorization_header_says_what_is_wrong(authorization: str, message: str) -> None:
+    with pytest.raises(ShimError) as raised:
+        sigv4.parse_authorization(authorization)
+    assert (raised.value.code, raised.value.status, raised.value.message) == (
+        "AuthorizationHeaderMalformed", 400, message)
+
+
+def test_a_component_value_may_hold_an_equals_sign() -> None:
+    assert sigv4.access_key_of([("Authorization", GOOD.replace("AKIDSHIMTEST", "AK=ID"))]) == "AK=ID"
+
+
+def test_two_x_amz_content_sha256_values_are_refused() -> None:
+    fields, now = fixed_request()
+    sha = dict((k.lower(), v) for k, v in fields)["x-amz-content-sha256"]
+    code, status, _ = refusal([*fields, ("x-amz-content-sha256", sha)], now)
+    assert (code, status) == ("InvalidArgument", 400)
+
+
+def test_a_request_exactly_fifteen_minutes_off_is_still_taken() -> None:
+    fields, now = fixed_request()
+    for skew in (-900, 900):
+        assert sigv4.verify("GET", "/b/k", "uploadId=u", fields, SECRETS, now + skew).access_key == KEY
+
+
+def test_a_date_header_is_read_as_utc_whatever_the_local_time_zone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore writes Date as `..., 02 Jan 2026 03:04:05 -0000` (no zone: UTC)."""
+    fields, now = fixed_request(headers={"Date": "placeholder"})
+    assert not any(k.lower() == "x-amz-date" for k, _ in fields)
+    assert dict(fields)["Date"].endswith("-0000")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        signed = sigv4.verify("GET", "/b/k", "uploadId=u", fields, SECRETS, now)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert signed.timestamp == "20260102T030405Z"
+
+
+def _signed_with_date(date: str, timestamp: str) -> list[tuple[str, str]]:
+    """A request whose Date field is `date`, signed by botocore's signer for `timestamp`."""
+    request = AWSRequest("GET", "http://s3.local/b/k?uploadId=u",
+                         headers={"Host": "s3.local", "Date": date,
+                                  "X-Amz-Content-SHA256": sigv4.EMPTY_SHA256})
+    request.context["timestamp"] = timestamp
+    auth = S3SigV4Auth(Credentials(KEY, SECRET), "s3", "us-east-1")
+    signature = auth.signature(auth.string_to_sign(request, auth.canonical_request(request)), request)
+    names = ";".join(sorted(k.lower() for k in request.headers))
+    return [*request.headers.items(),
+            ("Authorization", f"AWS4-HMAC-SHA256 Credential={KEY}/{timestamp[:8]}/us-east-1/s3/"
+                              f"aws4_request, SignedHeaders={names}, Signature={signature}")]
+
+
+def test_a_date_with_a_zone_is_converted_to_utc() -> None:
+    fields = _signed_with_date("Fri, 02 Jan 2026 04:04:05 +0100", "20260102T030405Z")
+    now = calendar.timegm((2026, 1, 2, 3, 4, 5, 0, 0, 0))
+    assert sigv4.verify("GET", "/b/k", "uploadId=u", fields, SECRETS, now).timestamp == \
+        "20260102T030405Z"
+
+
+@pytest.mark.parametrize("date", ["garbage", "Fri, 32 Jan 2026 04:04:05 GMT", ""])
+def test_an_unreadable_date_is_access_denied(date: str) -> None:
+    fields = _signed_with_date(date, "20260102T030405Z")
+    assert refusal(fields, calendar.timegm((2026, 1, 2, 3, 4, 5, 0, 0, 0)))[:2] == ("AccessDenied", 403)
+
+
+def test_an_empty_path_is_the_root() -> None:
+    fields, now = fixed_request(url="http://s3.local/?uploads")
+    assert sigv4.verify("GET", "", "uploads", fields, SECRETS, now).access_key == KEY
+
+
+def test_an_encoded_slash_stays_encoded_in_the_canonical_spelling() -> None:
+    fields, now = fixed_request(url="http://s3.local/b/a%2Fb%21")
+    assert sigv4.verify("GET", "/b/a%2Fb!", "", fields, SECRETS, now).access_key == KEY
+    with pytest.raises(ShimError):
+        sigv4.verify("GET", "/b/a/b!", "", fields, SECRETS, now)
+
+
+def test_the_trailer_signature_covers_every_trailer_line_in_order() -> None:
+    fields, now = fixed_request()
+    signed = sigv4.verify("GET", "/b/k", "uploadId=u", fields, SECRETS, now)
+    signer = sigv4.ChunkSigner(signed)
+    trailers = [("x-amz-checksum-crc32", "AAAAAA=="), ("x-amz-meta-é", "1")]
+    digest = hashlib.sha256("x-amz-checksum-crc32:AAAAAA==\nx-amz-meta-é:1\n".encode()).hexdigest()
+    string_to_sign = (f"AWS4-HMAC-SHA256-TRAILER\n{signed.timestamp}\n{signed.scope}\n"
+                      f"{signed.signature}\n{digest}")
+    expected = hmac.new(signed.signing_key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    assert signer.trailer_signature(trailers) == expected
+    with pytest.raises(ShimError) as raised:
+        signer.verify_trailer(list(reversed(trailers)), expected)
+    assert (raised.value.code, raised.value.status, raised.value.message) == (
+        "SignatureDoesNotMatch", 403, "The trailer signature we calculated does not match the "
+        "x-amz-trailer-signature you provided.")
+    with pytest.raises(ShimError) as raised:
+        signer.verify_chunk(sigv4.EMPTY_SHA256, "0" * 64)
+    assert (raised.value.code, raised.value.status, raised.value.message) == (
+        "SignatureDoesNotMatch", 403, "The chunk signature we calculated does not match the "
+        "chunk-signature you provided.")
