@@ -51,8 +51,11 @@ WRITE_LEASE_TTL = 60.0
 
 
 def new_upload_id() -> str:
-    """144 random bits, URL-safe: unguessable, so an upload URL works as a capability."""
-    return secrets.token_urlsafe(18)
+    """144 random bits, URL-safe: unguessable, so an upload URL works as a capability. Never
+    with a leading '-', which a command line (`python -m shim retry ID`) takes for an option."""
+    while (upload_id := secrets.token_urlsafe(18)).startswith("-"):
+        pass
+    return upload_id
 
 
 @dataclass(frozen=True)

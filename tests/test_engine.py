@@ -248,6 +248,20 @@ class RawLegacy:
 # --- delivery: once, whole, replayed ----------------------------------------------------------
 
 
+def test_upload_ids_are_unguessable_url_safe_and_never_look_like_an_option(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An id is what an operator types (`python -m shim retry ID`): one with a leading '-'
+    would be taken for an option. The generator draws again until it has none."""
+    drawn = iter(["-starts-with-a-dash-xyz", "AbCdEfGhIjKlMnOpQrStUvWx"])
+    monkeypatch.setattr(e.secrets, "token_urlsafe", lambda size: next(drawn))
+    assert e.new_upload_id() == "AbCdEfGhIjKlMnOpQrStUvWx"
+    monkeypatch.undo()
+    ids = {e.new_upload_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(len(i) == 24 and not i.startswith("-") and i.replace("-", "").replace("_", "")
+               .isalnum() for i in ids)
+
+
 def test_the_last_bytes_are_put_on_record_only_as_they_go_out(tmp_path: Path) -> None:
     """While the legacy server has not taken the whole file, the record says the last bytes
     have not gone out (a crash then is safe to retry); once they have, it says so (a crash

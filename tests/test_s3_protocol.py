@@ -1004,7 +1004,7 @@ def test_a_key_marker_alone_lists_only_keys_after_it() -> None:
 
 
 def test_list_uploads_spells_keys_url_encoded_when_asked() -> None:
-    listing = (multipart("dir/a b+ü", "U1"), multipart("dir/z", "U2"))
+    listing = (multipart("dir/a b+ü", "U1"), multipart("dir/a z", "U2"), multipart("dir/z", "U3"))
     root = uploads_page("encoding-type=url&prefix=dir%2Fa%20&key-marker=dir%2Fa&max-uploads=1",
                         listing)
     assert found(root, "s3:EncodingType") == "url"
@@ -1016,6 +1016,14 @@ def test_list_uploads_spells_keys_url_encoded_when_asked() -> None:
     assert found(plain_root, "s3:Prefix") == "dir/a "
     assert found(plain_root, "s3:NextKeyMarker") == "dir/a b+ü"
     assert found(uploads_page("encoding-type=other", listing), "s3:EncodingType") is None
+
+
+def test_list_uploads_lists_only_keys_under_the_prefix() -> None:
+    """A prefix ending in the character that separates a key from its upload id in the
+    store's names still lists only the keys that start with it."""
+    listing = (multipart("a", "U1"), multipart("ab", "U2"), multipart("a\nb", "U3"))
+    assert listed(uploads_page("prefix=a%0A", listing)) == [("a\nb", "U3")]
+    assert [key for key, _ in listed(uploads_page("prefix=a", listing))] == ["a", "a\nb", "ab"]
 
 
 def test_render_still_refuses_an_unreadable_max_uploads() -> None:
@@ -1140,6 +1148,8 @@ def test_any_bucket_exists_and_can_be_created() -> None:
     assert command == c.Immediate(Reply(200, (("Location", "/photos"),)))
     assert s3().render(create, command, c.Outcome()) == Reply(200, (("Location", "/photos"),))
     assert refused(s3().parse(plain("HEAD", "/s3/photos"), "")).code == "AccessDenied"
+    for bad in ("/s3/a..b/", "/s3/a%2Fb", "/s3/-x"):  # the rules PutObject applies, too
+        assert refused(s3().parse(signed("PUT", bad), "")).code == "InvalidBucketName"
 
 
 # --- what is not implemented --------------------------------------------------------------------

@@ -202,6 +202,7 @@ class S3:
         if op.name == "HeadObject":
             return c.Inspect(None, owner, key=_object_key(owner, op.bucket, op.key), settle=False)
         if op.name in ("HeadBucket", "CreateBucket"):
+            _check_bucket(op.bucket)
             return c.Immediate(Reply(200, (("Location", f"/{op.bucket}"),)
                                      if op.name == "CreateBucket" else ()))
         raise ShimError("NotImplemented", f"{op.name} is not something this S3 endpoint does; "
@@ -210,8 +211,7 @@ class S3:
     def _new(self, request: Request, op: Operation, owner: str,
              credential: S3Credential | None, upload_id: str,
              length: int | None = None) -> NewUpload:
-        if not _BUCKET.fullmatch(op.bucket) or ".." in op.bucket:
-            raise ShimError("InvalidBucketName", "The specified bucket is not valid.", 400)
+        _check_bucket(op.bucket)
         if len(op.key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
             raise ShimError("KeyTooLongError", "Your key is too long", 400)
         if not documents.xml_safe(op.key) or not documents.xml_safe(op.bucket):
@@ -338,10 +338,12 @@ class S3:
 
     def _uploads_listing(self, op: Operation, outcome: c.Outcome) -> bytes:
         limit = min(_int_param(op, "max-uploads", LIST_LIMIT), LIST_LIMIT)
+        prefix = op.param("prefix")
         uploads = sorted((documents.UploadInfo(upload.metadata.get("key", ""), upload.id,
                                                upload.created)
                           for _, upload in outcome.listing if not upload.parts),
                          key=lambda info: (info.key, info.upload_id))
+        uploads = [info for info in uploads if info.key.startswith(prefix)]
         key_marker, id_marker = op.param("key-marker"), op.param("upload-id-marker")
         # ListMultipartUploads: after key-marker alone come the keys after it; with an
         # upload-id-marker, that key's later uploads too
@@ -391,6 +393,11 @@ def _upload_key(owner: str, bucket: str, key: str, upload_id: str) -> str:
     ListMultipartUploads is a prefix lookup."""
     return f"s3up:{owner}:{bucket}/{key}\n{upload_id}" if upload_id else \
         f"s3up:{owner}:{bucket}/{key}"
+
+
+def _check_bucket(bucket: str) -> None:
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ShimError("InvalidBucketName", "The specified bucket is not valid.", 400)
 
 
 def _object_key(owner: str, bucket: str, key: str) -> str:
