@@ -123,12 +123,9 @@ class S3Credential:
 
 
 @dataclass(frozen=True)
-class S3ForwardConfig:
-    method: Literal["PUT", "POST"] = "PUT"
+class S3ForwardConfig(ForwardConfig):
     path: str = "/uploads/{bucket}/{key}"
     """Template over {bucket}, {key} (its `/` kept, each segment checked) and {id}."""
-    body: Literal["raw", "multipart"] = "raw"
-    field: str = "file"
     metadata: bool = True
     """Forward the object's `x-amz-meta-*` fields with the file."""
 
