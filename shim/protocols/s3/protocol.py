@@ -214,7 +214,7 @@ class S3:
         _check_bucket(op.bucket)
         if len(op.key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES:
             raise ShimError("KeyTooLongError", "Your key is too long", 400)
-        if not documents.xml_safe(op.key) or not documents.xml_safe(op.bucket):
+        if not documents.xml_safe(op.key):  # (a bucket name is ASCII by _BUCKET)
             raise ShimError("InvalidArgument", "the key has characters an S3 answer (XML) "
                             "cannot carry", 400)
         forward = self.config.forward
@@ -278,7 +278,7 @@ class S3:
             return _error(command.error, op, request)
         if outcome.error is not None:
             if op.name == "HeadObject" and outcome.error.status in (404, 410):
-                return _head(None, op, request)
+                return _head(None)
             return _error(outcome.error, op, request)
         if op.name == "CreateMultipartUpload" and outcome.upload is not None:
             return _xml(documents.initiate_result(op.bucket, op.key, outcome.upload.id))
@@ -291,7 +291,7 @@ class S3:
         if op.name == "AbortMultipartUpload":
             return Reply(204)
         if op.name == "HeadObject":
-            return _head(outcome.upload, op, request)
+            return _head(outcome.upload)
         if isinstance(command, c.Immediate):
             return command.reply
         if op.name in ("CompleteMultipartUpload", "PutObject"):
@@ -405,7 +405,7 @@ def _object_key(owner: str, bucket: str, key: str) -> str:
     return f"s3obj:{owner}:{bucket}/{key}"
 
 
-def _head(upload: Upload | None, op: Operation, request: Request) -> Reply:
+def _head(upload: Upload | None) -> Reply:
     """HeadObject: an object the shim delivered (and still remembers, until its record
     expires) is described as S3 would, so a tool that checks its upload (rclone) finds it;
     anything else is 404 with no body (RFC 9110 section 9.3.2: HEAD has none)."""
