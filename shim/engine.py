@@ -15,6 +15,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -84,6 +85,10 @@ class NewUpload:
     does, and does not count against the caps, which that one counts against already."""
 
 
+PAUSED_KEPT = 10_000
+"""Uploads remembered as paused, for the "resumed" event (Engine.paused)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Caps on uploads in progress, so that no one client exhausts the shim for the rest."""
@@ -116,6 +121,9 @@ class Engine:
         self.instance = secrets.token_hex(8)
         """Names this process as a lease holder."""
         self._writers: dict[str, Append] = {}
+        self._paused: OrderedDict[str, None] = OrderedDict()
+        """Uploads whose client asked where to go on, or whose last body was cut off, since
+        their last write: the next body there resumes the upload (see `_resuming`)."""
         """The bodies this process is writing, by upload id: whose requests a take-over ends."""
         self._tickets: dict[str, int] = {}
         """The newest take-over ticket of each upload written since start (see take_over)."""
@@ -296,10 +304,26 @@ class Engine:
             raise ShimError("completed", "the upload is already complete", 403)
         if declared_length is not None:
             check_length(upload, declared_length, max_size)
-        if offset:
-            self.metrics.record(upload, "resumed")
+        self._resuming(upload, offset)
         return await self._open(upload, upload.offset, body_length, checksum, max_size,
                                 digests, declared_length, body_filter)
+
+    def paused(self, upload: Upload) -> None:
+        """The client asked for the upload's offset (or its body was cut off): a body that
+        follows resumes it. Only the newest PAUSED_KEPT are kept: more only loses log lines."""
+        self._paused[upload.id] = None
+        self._paused.move_to_end(upload.id)
+        if len(self._paused) > PAUSED_KEPT:
+            self._paused.popitem(last=False)
+
+    def _resuming(self, upload: Upload, start: int) -> None:
+        """The "resumed" event, for a body that goes on after a pause (a chunk that simply
+        follows the one before is not one: an upload in 1 MiB chunks is not resumed 1,000
+        times)."""
+        if upload.id in self._paused:
+            del self._paused[upload.id]
+            if start:
+                self.metrics.record(upload, "resumed")
 
     async def begin_range(self, upload: Upload, start: int, body_length: int | None,
                           max_size: int = 0, declared_length: int | None = None) -> Append:
@@ -315,6 +339,7 @@ class Engine:
             raise ShimError("completed", "the upload is already complete", 403)
         if declared_length is not None:
             check_length(upload, declared_length, max_size)
+        self._resuming(upload, start)
         overlap = upload.offset - start
         remaining = None if body_length is None else max(0, body_length - overlap)
         append = await self._open(upload, upload.offset, remaining, None, max_size, None,
@@ -407,6 +432,7 @@ class Engine:
 
     async def abort_append(self, append: Append) -> Upload:
         """The client went away mid-body: keep what arrived unless it must be all or nothing."""
+        self.paused(append.upload)
         return await self.end_write(append, keep=not append.all_or_nothing)
 
     async def end_write(self, append: Append, keep: bool, **accepted: Any) -> Upload:
@@ -532,6 +558,10 @@ class Engine:
     def superseded(self, upload_id: str, ticket: int) -> bool:
         """A newer request took the upload over since `ticket` was handed out."""
         return self._tickets.get(upload_id) != ticket
+
+    def is_writing(self, upload_id: str) -> bool:
+        """A body is being written to the upload in this process."""
+        return upload_id in self._writers
 
     def _refuse_if_busy(self, upload: Upload) -> None:
         if upload.id in self._writers:

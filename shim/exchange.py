@@ -49,14 +49,13 @@ async def _lookup(engine: e.Engine, command: UploadCommand, protocol: str) -> Up
     return await engine.find(command.key, command.owner) if command.key else None
 
 
-async def _superseding(engine: e.Engine, command: c.Command, protocol: str) -> str | None:
+async def _superseding(engine: e.Engine, command: c.Command, protocol: str) -> Upload | None:
     """The upload whose running request this command ends before it starts: every write and
     cancel does, an inspection only when its protocol says so. Only the owner may end one:
     the lookup refuses anybody else before anything is interrupted."""
     if isinstance(command, c.Append | c.Cancel | c.WriteRange | c.WriteSegments) or (
             isinstance(command, c.Inspect) and command.take_over):
-        upload = await _lookup(engine, command, protocol)
-        return upload.id if upload is not None else None
+        return await _lookup(engine, command, protocol)
     return None
 
 
@@ -113,6 +112,21 @@ class Exchange:
         self._segments_task: asyncio.Future[None] | None = None
         self._queued = 0
         """Bytes of a byte-range body waiting in the queue (at most EARLY_LIMIT)."""
+        self._found: Upload | None = None
+        """The upload `_begin_in_turn` looked up, while nothing can have changed it since:
+        the lookups in `_begin` take it instead of reading the store again."""
+
+    async def _lookup(self, command: UploadCommand) -> Upload | None:
+        found, self._found = self._found, None
+        if found is not None:
+            return found
+        return await _lookup(self.engine, command, self.protocol.name)
+
+    async def _required(self, command: UploadCommand) -> Upload:
+        upload = await self._lookup(command)
+        if upload is None:
+            raise errors.not_found()
+        return upload
 
     def _queue(self) -> None:
         """Take this request's turn on its resource (see Engine.queue_begin), once."""
@@ -136,11 +150,18 @@ class Exchange:
     async def _begin_in_turn(self) -> None:
         upload_id, ticket = None, 0
         try:
-            upload_id = await _superseding(self.engine, self.command, self.protocol.name)
-            ticket = await self.engine.take_over(upload_id) if upload_id is not None else 0
+            superseding = await _superseding(self.engine, self.command, self.protocol.name)
+            if superseding is not None:
+                upload_id = superseding.id
+                unchanged = not self.engine.is_writing(upload_id)  # take_over will not wait
+                ticket = await self.engine.take_over(upload_id)
+                if unchanged:
+                    self._found = superseding
             await self._begin()
         except ShimError as exc:
             self.error = exc
+        finally:
+            self._found = None
         if self.append is None:
             return
         self.append.interrupt = self._interrupt
@@ -209,7 +230,7 @@ class Exchange:
         elif isinstance(command, c.Forward | c.NeedBody):
             self.declined = True
         elif isinstance(command, c.Inspect) and command.pass_if_missing:
-            found = await _lookup(self.engine, command, self.protocol.name)
+            found = await self._lookup(command)
             self.declined = found is None or found.delivered  # nothing in progress here
         elif isinstance(command, c.Append):
             await self._begin_append(command)
@@ -239,7 +260,7 @@ class Exchange:
         return await self.engine.change(whole, updated=self.engine.clock())
 
     async def _begin_append(self, command: c.Append) -> None:
-        upload = self.upload = await _required(self.engine, command, self.protocol.name)
+        upload = self.upload = await self._required(command)
         digests = await self.engine.expect_digests(upload, command.digests)
         if upload.complete and not self.request.has_body and command.offset == upload.offset:
             if command.declared_length is not None:
@@ -251,7 +272,7 @@ class Exchange:
         self.upload = self.append.upload
 
     async def _begin_segments(self, command: c.WriteSegments) -> None:
-        found = await _lookup(self.engine, command, self.protocol.name)
+        found = await self._lookup(command)
         if found is not None and command.if_none_match and not found.delivered:
             raise ShimError("precondition", "If-None-Match: * but an upload of this "
                             "resource is in progress", 412)
@@ -308,6 +329,7 @@ class Exchange:
             return
         self.upload = upload
         if command.start is None:
+            self.engine.paused(upload)  # a status inquiry: the range that follows resumes
             if command.total is not None:  # an inquiry that names the total fixes it
                 self.upload = await self.engine.declare_length(upload, command.total,
                                                                command.max_size)
@@ -323,7 +345,7 @@ class Exchange:
 
     async def _range_upload(self, command: c.WriteRange) -> Upload | None:
         """The upload a range belongs to; a new one only for a range that starts at 0."""
-        upload = await _lookup(self.engine, command, self.protocol.name)
+        upload = await self._lookup(command)
         admitted = False
         if upload is not None and command.restart and command.start == 0 and upload.receiving \
                 and command.new is not None:
@@ -475,9 +497,11 @@ class Exchange:
             refused = await self._end_segments(command)
             if refused is not None:
                 return refused
+        committed = False
         if self.append is not None:
             append, self.append = self.append, None
             self.upload = await self._finish_body(append)
+            committed = not append.verify_only
             if _completes_at_end(command) and self.upload.length is None:
                 self.upload = await self.engine.declare_length(self.upload, self.upload.offset, 0)
         if self.upload is None:
@@ -490,6 +514,8 @@ class Exchange:
                     await self.engine.remove_part(self.upload)
                     raise
             await self._name(command.key, self.upload)
+        elif committed and not self.upload.complete:
+            return await self._settle(self.upload)  # just saved, and nothing else writes it
         return await self._settle(await self.engine.store.load(self.upload.id) or self.upload)
 
     async def _name(self, key: str, upload: Upload) -> None:
@@ -524,6 +550,7 @@ class Exchange:
 
     async def _inspect(self, command: c.Inspect) -> c.Outcome:
         upload = await self.engine.refresh(await _required(self.engine, command, self.protocol.name))
+        self.engine.paused(upload)
         if not command.settle:
             return c.Outcome(upload=upload, offset=self.engine.offset_of(upload))
         return await self._settle(upload, finishes_wholes=False)

@@ -39,6 +39,10 @@ from shim.model import Answer, Target, Upload
 from shim.store import ChunkWriter, Conflict, StoreError
 
 READ_SIZE = 1024 * 1024
+FLUSH_EVERY = 8 * 1024 * 1024
+"""Bytes of a body after which its data file is flushed in the background (ChunkWriter)."""
+FREE_BYTES_FOR = 0.5
+"""Seconds a reading of the disk's free space is used for (see LocalStore.free_bytes)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS links (key BLOB PRIMARY KEY, upload_id TEXT NOT NULL);
@@ -95,6 +99,8 @@ class LocalStore:
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shim-store")
         self._index: sqlite3.Connection | None = None
         self._index_path = self.directory / "index.sqlite"
+        self._free: tuple[float, int] | None = None
+        """When the disk's free space was read, and what it was."""
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -305,10 +311,17 @@ class LocalStore:
         path = self._path(upload_id)
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         fd = await asyncio.to_thread(os.open, path, flags, 0o600)
-        return ChunkWriter(fd, offset)
+        return ChunkWriter(fd, offset, FLUSH_EVERY if self.fsync else 0)
 
     async def close_writer(self, upload_id: str, writer: ChunkWriter, keep: int | None,
                            sync: bool) -> int:
+        try:
+            await writer.flushed()
+        except OSError:
+            if sync:  # bytes to keep that may not be on the disk
+                await asyncio.to_thread(os.close, writer.fd)
+                raise
+
         def work() -> int:
             try:
                 if keep is not None and os.fstat(writer.fd).st_size > keep:
@@ -358,7 +371,14 @@ class LocalStore:
         await asyncio.to_thread(self._path(upload_id).unlink, missing_ok=True)
 
     async def free_bytes(self) -> int:
-        return (await asyncio.to_thread(shutil.disk_usage, self._data)).free
+        """Free bytes on the storage disk, read at most every FREE_BYTES_FOR seconds: every
+        body asks first, and a statfs off the loop each time costs a thread hop per request
+        for a figure that moves slowly (a body that meets a full disk anyway gets 507 from
+        its write)."""
+        now = time.monotonic()
+        if self._free is None or now - self._free[0] >= FREE_BYTES_FOR:
+            self._free = now, (await asyncio.to_thread(shutil.disk_usage, self._data)).free
+        return self._free[1]
 
 
 def _incomplete(upload: Upload) -> bool:

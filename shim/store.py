@@ -14,6 +14,7 @@ Nothing here touches a disk; a backend must not block the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
@@ -60,14 +61,22 @@ class ChunkWriter:
     `write` runs on the event loop, inside mitmproxy's stream callback, which cannot await:
     each call is one `write(2)` into the page cache. Every byte counted in `written` has
     therefore reached the OS and survives a crash of the process, so an offset reported from
-    it never goes back. `sync` (fsync) and `close` are the store's, run off the loop."""
+    it never goes back. `sync` (fsync) and `close` are the store's, run off the loop.
 
-    def __init__(self, fd: int, start: int) -> None:
+    With `flush_every`, each time that many bytes were written a `fdatasync` starts on a
+    worker thread (one at a time), so the disk writes while the body still arrives: the final
+    sync waits only for the rest, and dirty pages stay few enough that `write` is not
+    throttled by the kernel on the loop."""
+
+    def __init__(self, fd: int, start: int, flush_every: int = 0) -> None:
         self.fd = fd
         self.start = start
         """Where this body's first byte went."""
         self.written = 0
         """Bytes written since `start`."""
+        self.flush_every = flush_every
+        self._unflushed = 0
+        self._flushing: asyncio.Future[None] | None = None
 
     @property
     def position(self) -> int:
@@ -79,6 +88,21 @@ class ChunkWriter:
             done = os.pwrite(self.fd, view, self.position)
             self.written += done
             view = view[done:]
+        if self.flush_every:
+            self._unflushed += len(data)
+            if self._unflushed >= self.flush_every and (
+                    self._flushing is None or self._flushing.done()):
+                self._unflushed = 0
+                self._flushing = asyncio.get_running_loop().run_in_executor(
+                    None, os.fdatasync, self.fd)
+
+    async def flushed(self) -> None:
+        """Wait for the background flush, if one runs: the file must not be closed under it.
+        Raises its OSError: the kernel reports a failed write-back once, and the final sync
+        must not then say the bytes are safe."""
+        if self._flushing is not None:
+            flushing, self._flushing = self._flushing, None
+            await flushing
 
     def read_back_at(self, position: int, size: int) -> bytes:
         """`size` stored bytes at `position`, to compare a retried range with (a page-cache

@@ -79,17 +79,21 @@ def test_health_readiness_and_counters_after_known_uploads(
 
 def test_one_json_line_per_upload_event(shim: ShimLauncher, legacy: WholeFileServer) -> None:
     """`--log-format json`: created, resumed, completed, delivered (with the legacy method,
-    path and status) and terminated, each one JSON object naming the upload."""
+    path and status) and terminated, each one JSON object naming the upload. A chunk that
+    simply follows the one before is not a resumption; one after an offset inquiry is."""
     proc = shim(kind="python-m-shim", extra_args=["--log-format", "json"])
     data = b"d" * 2000
     name = base64.b64encode(b"e.bin").decode()
     created = requests.post(f"{proc.url}/files/", timeout=TIMEOUT, headers={
         **TUS, "Upload-Length": str(len(data)), "Upload-Metadata": f"filename {name}"})
     location = created.headers["Location"]
-    for offset in (0, 1000):
-        patched = requests.patch(f"{proc.url}{location}", data=data[offset:offset + 1000],
+    for start, end in ((0, 1000), (1000, 1500), (1500, 2000)):
+        if start == 1500:  # as a client coming back after a lost connection
+            assert requests.head(f"{proc.url}{location}", headers=TUS,
+                                 timeout=TIMEOUT).headers["Upload-Offset"] == "1500"
+        patched = requests.patch(f"{proc.url}{location}", data=data[start:end],
                                  timeout=TIMEOUT, headers={
-                                     **TUS, "Upload-Offset": str(offset),
+                                     **TUS, "Upload-Offset": str(start),
                                      "Content-Type": "application/offset+octet-stream"})
         assert patched.status_code == 204, patched.text
     other = tus_upload(proc.url, b"x" * 10, complete=False)
@@ -99,6 +103,7 @@ def test_one_json_line_per_upload_event(shim: ShimLauncher, legacy: WholeFileSer
     lines = [json.loads(found) for found in re.findall(r"(\{\"event\".*\})", proc.output())]
     mine = [line for line in lines if line["id"] == upload_id]
     assert [line["event"] for line in mine] == ["created", "resumed", "completed", "delivered"]
+    assert mine[1]["bytes"] == 1500
     delivered = mine[-1]
     assert (delivered["method"], delivered["path"], delivered["status"]) == (
         "PUT", f"/uploads/{upload_id}", 201)

@@ -1,0 +1,272 @@
+"""What one request costs the shim beyond its bytes (issue 12), held where a change would
+quietly bring a cost back: the store reads of a tus PATCH, the disk-space reading shared by
+requests close together, and the write-behind that lets the disk work while a body arrives.
+
+Each test runs the real code on a real LocalStore in tmp_path; the counts come from
+`tests.faulty_store.FaultyStore` (which counts calls) or from a recording stand-in for the
+one system call a test is about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from shim import engine as e
+from shim import local_store, store
+from shim.config import TusConfig
+from shim.exchange import Exchange
+from shim.local_store import LocalStore
+from shim.model import Reply, Request, Upload
+from shim.outbox import Outbox
+from shim.protocols.tus import Tus
+from shim.upstream import Origin, Upstream
+from tests.faulty_store import FaultyStore
+
+TUS = (("Tus-Resumable", "1.0.0"),)
+CHUNK = 4096
+
+
+def run[T](scenario: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+
+
+async def _request(engine: e.Engine, tus: Tus, request: Request, body: bytes = b"") -> Reply:
+    """One request as the addon handles it: parsed, begun, fed, finished."""
+    command = tus.parse(request, "me")
+    assert command is not None
+    exchange = Exchange(engine, tus, request, command)
+    if request.has_body:
+        exchange.start(lambda: None)
+    else:
+        await exchange.begin()
+    exchange.feed(body)
+    return await exchange.finish()
+
+
+def test_a_tus_patch_reads_the_record_once_as_it_begins_and_once_as_it_ends(
+        tmp_path: Path) -> None:
+    """Every store read is a hop to the store's thread: a chunk of an upload in progress
+    reads its record once to begin (the take-over check and the offset check share it) and
+    once to commit, and its answer needs no third read."""
+    async def scenario() -> list[int]:
+        inner = LocalStore(tmp_path / "store", fsync=False)
+        counting = FaultyStore(inner)
+        outbox = Outbox(counting, Upstream(Origin.parse("http://127.0.0.1:9"), timeout=5))
+        engine = e.Engine(counting, outbox, 0)
+        tus = Tus(TusConfig())
+        try:
+            created = await _request(engine, tus, Request(
+                "POST", "/files/", "", (*TUS, ("Upload-Length", str(3 * CHUNK))), 0))
+            assert created.status == 201
+            location = dict((k.lower(), v) for k, v in created.headers)["location"]
+            path = location[location.index("/files/"):]
+            loads = []
+            for index in range(2):  # the third would complete it and start a delivery
+                before = counting.calls["load"]
+                patched = await _request(engine, tus, Request(
+                    "PATCH", path, "", (*TUS, ("Upload-Offset", str(index * CHUNK)),
+                                        ("Content-Type", "application/offset+octet-stream")),
+                    CHUNK), os.urandom(CHUNK))
+                assert patched.status == 204
+                loads.append(counting.calls["load"] - before)
+            upload = await inner.load(path.rsplit("/", 1)[1])
+            assert upload is not None and upload.offset == 2 * CHUNK
+            return loads
+        finally:
+            await inner.close()
+
+    assert run(scenario) == [2, 2]
+
+
+def test_the_free_space_reading_is_shared_by_requests_close_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk's free space is read once for every request within FREE_BYTES_FOR seconds,
+    and read again after: a disk filling up is seen within that time."""
+    readings: list[int] = []
+    free = [10_000]
+
+    def disk_usage(path: object) -> shutil._ntuple_diskusage:
+        readings.append(free[0])
+        return shutil._ntuple_diskusage(free[0] * 2, free[0], free[0])
+
+    now = [100.0]
+    monkeypatch.setattr(local_store.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(local_store.time, "monotonic", lambda: now[0])
+
+    async def scenario() -> list[int]:
+        disk = LocalStore(tmp_path / "store", fsync=False)
+        try:
+            seen = [await disk.free_bytes(), await disk.free_bytes()]
+            free[0] = 0  # the disk fills up
+            now[0] += local_store.FREE_BYTES_FOR / 2
+            seen.append(await disk.free_bytes())  # not read again yet
+            now[0] += local_store.FREE_BYTES_FOR / 2
+            seen.append(await disk.free_bytes())
+            return seen
+        finally:
+            await disk.close()
+
+    assert run(scenario) == [10_000, 10_000, 10_000, 0]
+    assert readings == [10_000, 0]
+
+
+class _Datasyncs:
+    """Stands in for os.fdatasync: records the descriptors, fails when told to."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.fds: list[int] = []
+        self.fails = fails
+
+    def __call__(self, fd: int) -> None:
+        self.fds.append(fd)
+        if self.fails:
+            raise OSError(errno.EIO, "injected write-back failure")
+
+
+def _write_body(disk: LocalStore, upload_id: str, size: int) -> Awaitable[store.ChunkWriter]:
+    async def write() -> store.ChunkWriter:
+        writer = await disk.open_writer(upload_id, 0)
+        for _ in range(size // (1024 * 1024)):
+            writer.write(b"w" * (1024 * 1024))
+        return writer
+    return write()
+
+
+def test_a_long_body_is_flushed_while_it_arrives_and_kept_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fsync on, a body longer than FLUSH_EVERY starts its flush to the disk before it
+    ends; the file is closed only after that flush, with every byte."""
+    datasyncs = _Datasyncs()
+    monkeypatch.setattr(store.os, "fdatasync", datasyncs)
+    size = 2 * local_store.FLUSH_EVERY
+
+    async def scenario() -> tuple[int, int]:
+        disk = LocalStore(tmp_path / "store", fsync=True)
+        try:
+            writer = await _write_body(disk, "u1", size)
+            flushed_before_close = len(datasyncs.fds)
+            kept = await disk.close_writer("u1", writer, size, sync=True)
+            with pytest.raises(OSError):
+                os.fstat(writer.fd)  # closed
+            return flushed_before_close, kept
+        finally:
+            await disk.close()
+
+    flushed_before_close, kept = run(scenario)
+    assert flushed_before_close >= 1 and kept == size
+    assert (tmp_path / "store" / "data" / "u1").stat().st_size == size
+
+
+def test_a_failed_flush_fails_the_commit_of_the_body_and_closes_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reports a failed write-back once: when the background flush got it, the
+    body's commit fails (the engine answers 507 and keeps the old offset) instead of a
+    later fsync saying the bytes are safe. A body not kept (sync=False) just closes."""
+    monkeypatch.setattr(store.os, "fdatasync", _Datasyncs(fails=True))
+
+    async def scenario() -> None:
+        disk = LocalStore(tmp_path / "store", fsync=True)
+        try:
+            kept = await _write_body(disk, "kept", local_store.FLUSH_EVERY)
+            with pytest.raises(OSError) as failed:
+                await disk.close_writer("kept", kept, local_store.FLUSH_EVERY, sync=True)
+            assert failed.value.errno == errno.EIO
+            with pytest.raises(OSError):
+                os.fstat(kept.fd)
+            dropped = await _write_body(disk, "dropped", local_store.FLUSH_EVERY)
+            assert await disk.close_writer("dropped", dropped, 0, sync=False) == 0
+        finally:
+            await disk.close()
+
+    run(scenario)
+
+
+def test_without_fsync_nothing_is_flushed_in_the_background(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`storage.fsync: false` means no flush at all, in the background either."""
+    datasyncs = _Datasyncs()
+    monkeypatch.setattr(store.os, "fdatasync", datasyncs)
+
+    async def scenario() -> int:
+        disk = LocalStore(tmp_path / "store", fsync=False)
+        try:
+            writer = await _write_body(disk, "u", 2 * local_store.FLUSH_EVERY)
+            return await disk.close_writer("u", writer, None, sync=True)
+        finally:
+            await disk.close()
+
+    assert run(scenario) == 2 * local_store.FLUSH_EVERY
+    assert datasyncs.fds == []
+
+
+def test_flushes_do_not_pile_up_behind_a_slow_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One flush at a time per body: the bytes written while one runs wait for the next,
+    however many thresholds they pass."""
+    datasyncs = _Datasyncs()
+    monkeypatch.setattr(store.os, "fdatasync", datasyncs)
+
+    async def scenario() -> list[int]:
+        disk = LocalStore(tmp_path / "store", fsync=True)
+        try:
+            # Written without an await: the first flush cannot have ended meanwhile.
+            writer = await _write_body(disk, "u", 4 * local_store.FLUSH_EVERY)
+            await writer.flushed()
+            counts = [len(datasyncs.fds)]
+            writer.write(b"w" * local_store.FLUSH_EVERY)
+            await disk.close_writer("u", writer, None, sync=True)  # waits for that flush
+            return [*counts, len(datasyncs.fds)]
+        finally:
+            await disk.close()
+
+    assert run(scenario) == [1, 2]
+
+
+def test_resumed_is_one_event_after_a_pause_not_one_per_chunk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A log line costs more than a small chunk's own work: chunks that follow each other log
+    nothing; a body after a cut-off one, or after an offset inquiry, logs "resumed" once.
+    Only the newest PAUSED_KEPT pauses are remembered."""
+    monkeypatch.setattr(e, "PAUSED_KEPT", 2)
+    caplog.set_level("INFO", logger="shim.events")
+
+    async def scenario() -> list[tuple[str, int]]:
+        disk = LocalStore(tmp_path / "store", fsync=False)
+        engine = e.Engine(disk, Outbox(disk, Upstream(Origin.parse("http://127.0.0.1:9"),
+                                                      timeout=5)), 0)
+
+        async def body(upload: Upload, size: int, cut: bool = False) -> Upload:
+            writing = await engine.begin_append(upload, upload.offset, None if cut else size)
+            writing.feed(b"b" * size)
+            return await (engine.abort_append(writing) if cut else engine.finish_append(writing))
+
+        try:
+            a, b, c = [await body(await engine.create(e.NewUpload(
+                id=e.new_upload_id(), protocol="test", owner="me", length=100, metadata={},
+                target=None)), 10) for _ in range(3)]
+            a = await body(a, 10)  # a chunk after a chunk: no event
+            a = await body(a, 5, cut=True)
+            a = await body(a, 5)  # resumed at 25
+            a = await body(a, 5)  # and that is all
+            for upload in (b, c, a):  # b's pause is the oldest of three: forgotten
+                engine.paused(upload)
+            for upload in (b, c, a):
+                await body(upload, 5)
+            return [(r.getMessage().split("id=")[1].split()[0],
+                     int(r.getMessage().split("bytes=")[1].split()[0]))
+                    for r in caplog.records if "event=resumed" in r.getMessage()]
+        finally:
+            await disk.close()
+
+    ids: dict[str, str] = {}
+    resumed = run(scenario)
+    for upload_id, _ in resumed:
+        ids.setdefault(upload_id, "abc"[len(ids)])
+    assert [(ids[i], at) for i, at in resumed] == [("a", 25), ("b", 10), ("a", 35)]
