@@ -28,7 +28,7 @@ from shim.lifecycle import AWAITING_DELIVERY, Event, IllegalTransition, State, a
 from shim.metrics import Metrics
 from shim.model import Target, Upload
 from shim.outbox import Delivery, Outbox
-from shim.store import Conflict, Store, StoreError, pieces, transition
+from shim.store import CapReached, Caps, Conflict, Store, StoreError, pieces, transition
 
 __all__ = ["Append", "BodyFilter", "Checksum", "Delivery", "Engine", "NewUpload", "ShimError",
            "new_upload_id"]
@@ -115,7 +115,6 @@ class Engine:
         self.preflight = preflight
         """Asks the legacy server whether it takes an upload before it is created (raises
         its refusal); None: no such check (`auth.preflight: none`)."""
-        self._creating = asyncio.Lock()
         """Creations count and save one at a time, so that a cap is never overshot."""
         self.clock = clock
         self.instance = secrets.token_hex(8)
@@ -148,38 +147,55 @@ class Engine:
 
     async def admit(self, new: NewUpload, replacing: bool = False) -> None:
         """Everything a creation must pass before anything changes, cheapest first: its
-        size, room on disk and the caps (checked again as it is saved; not while it replaces
-        an upload of the same account, whose place it takes), then the legacy server's word
-        (`auth.preflight`) on the delivery it would be, or become part of."""
+        size, room on disk, and before the legacy server is asked (`auth.preflight`) on the
+        delivery it would be or become part of, the caps (not while it replaces an upload of
+        the same account, whose place it takes). The caps hold in any case as it is saved."""
         if new.max_size and new.length is not None and new.length > new.max_size:
             raise errors.too_large(f"the upload is larger than the limit of {new.max_size} bytes")
-        await self._check_room(_account(new), caps=not replacing)
         asked = new.target or new.asks
+        asking = self.preflight is not None and asked is not None
+        await self._check_room(_account(new), caps=asking and not replacing)
         if self.preflight is not None and asked is not None:
             await self.preflight(asked, new.length)
 
     async def create(self, new: NewUpload, key: str | None = None, previous: str | None = None,
                      admitted: bool = False) -> Upload:
         """A new upload; `key` names it for protocols that find uploads by URL, not by id.
-        `admitted`: `admit` passed already (a restart checks before it ends the old upload)."""
+        `admitted`: `admit` passed already (a restart checks before it ends the old upload).
+        The caps are checked as the record is saved, in one step of the store's."""
         if not admitted:
             await self.admit(new, replacing=new.part_of is not None)
-        async with self._creating:
-            await self._check_room(_account(new), caps=new.part_of is None)
-            now = self.clock()
-            upload = await self.store.save(Upload(
-                id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
-                metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
-                updated=now, expires_after=new.expiration, digests=dict(new.digests),
-                previous=previous, account=_account(new) if new.part_of else new.account,
-                max_size=new.max_size,
-                exclusive_parts=new.exclusive_parts))
+        now = self.clock()
+        record = Upload(
+            id=new.id, protocol=new.protocol, owner=new.owner, length=new.length,
+            metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
+            updated=now, expires_after=new.expiration, digests=dict(new.digests),
+            previous=previous, account=_account(new) if new.part_of else new.account,
+            max_size=new.max_size, exclusive_parts=new.exclusive_parts)
+        try:  # a part counts as its whole, which the caps counted already
+            upload = await self.store.create(
+                record, None if new.part_of is not None else self._caps(_account(new)))
+        except CapReached as reached:
+            raise self._too_many(reached.cap) from None
         if key is not None:
             await self.store.link(key, upload.id)
         if new.part_of is not None:  # kept from expiring while its whole is alive (_in_use)
             await self.store.link(f"part-of:{upload.id}:{new.part_of}", new.part_of)
         self.metrics.record(upload, "created")
         return upload
+
+    def _caps(self, account: str) -> Caps:
+        return Caps(account, self.limits.uploads_per_owner, self.limits.uploads_total)
+
+    def _too_many(self, cap: str) -> ShimError:
+        """429 + Retry-After for a cap on uploads in progress (per account, or for all)."""
+        limits = self.limits
+        if cap == "per_account":
+            return errors.too_many(f"these credentials have {limits.uploads_per_owner} uploads "
+                                   "in progress already; finish or cancel one",
+                                   limits.retry_after)
+        return errors.too_many("the shim has as many uploads in progress as it takes",
+                               limits.retry_after)
 
     async def _check_room(self, owner: str, caps: bool = True) -> None:
         """Refuse a creation the shim has no room for: too little disk (507), or a cap on
@@ -191,11 +207,9 @@ class Engine:
         limits = self.limits
         if limits.uploads_per_owner and \
                 await self.store.incomplete(owner) >= limits.uploads_per_owner:
-            raise errors.too_many(f"these credentials have {limits.uploads_per_owner} uploads "
-                                  "in progress already; finish or cancel one", limits.retry_after)
+            raise self._too_many("per_account")
         if limits.uploads_total and await self.store.incomplete() >= limits.uploads_total:
-            raise errors.too_many("the shim has as many uploads in progress as it takes",
-                                  limits.retry_after)
+            raise self._too_many("total")
 
     async def find(self, key: str, owner: str) -> Upload | None:
         """The live upload last created under `key`, if any."""

@@ -36,7 +36,7 @@ import diskcache
 
 from shim.lifecycle import AWAITING_DELIVERY, State
 from shim.model import Answer, Target, Upload
-from shim.store import ChunkWriter, Conflict, StoreError
+from shim.store import CapReached, Caps, ChunkWriter, Conflict, StoreError
 
 READ_SIZE = 1024 * 1024
 FLUSH_EVERY = 8 * 1024 * 1024
@@ -152,6 +152,26 @@ class LocalStore:
             self._meta.set(f"upload:{upload.id}", _to_json(saved))
         self._index_after(saved)
         return saved
+
+    async def create(self, upload: Upload, caps: Caps | None = None) -> Upload:
+        def work() -> Upload:
+            if caps is not None:
+                reached = self._cap_reached(caps)
+                if reached is not None:
+                    raise CapReached(reached)
+            return self._save(upload)
+
+        return await self._db(work)
+
+    def _cap_reached(self, caps: Caps) -> str | None:
+        row = self._sql().execute("SELECT COUNT(*), COALESCE(SUM(owner = ?), 0) FROM incomplete",
+                                  (caps.account,)).fetchone()
+        total, of_account = int(row[0]), int(row[1])
+        if caps.per_account and of_account >= caps.per_account:
+            return "per_account"
+        if caps.total and total >= caps.total:
+            return "total"
+        return None
 
     def _index_before(self, upload: Upload) -> None:
         """Entries the new record needs, written first (see the module docstring)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from shim.lifecycle import Event, advance
@@ -30,6 +30,25 @@ class Conflict(Exception):
 
 class StoreError(Exception):
     """The store could not do what was asked (a full disk, a broken database)."""
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Caps on incomplete uploads (see `Store.incomplete`) a new record must stay under."""
+
+    account: str
+    per_account: int = 0
+    """For `account`; 0: no cap."""
+    total: int = 0
+    """For everyone; 0: no cap."""
+
+
+class CapReached(Exception):
+    """A new record was not saved: a cap is reached (`per_account` or `total`)."""
+
+    def __init__(self, cap: str) -> None:
+        super().__init__(f"the {cap} cap on uploads in progress is reached")
+        self.cap = cap
 
 
 async def transition(store: Store, upload: Upload, event: Event | None = None, *,
@@ -123,6 +142,10 @@ class Store(Protocol):
     async def save(self, upload: Upload) -> Upload:
         """Write `upload` if the stored version is `upload.version` (0: none stored yet);
         return it with the new version. Conflict otherwise."""
+
+    async def create(self, upload: Upload, caps: Caps | None = None) -> Upload:
+        """Save a new record (`upload.version` 0) unless `caps` are reached (CapReached): the
+        count and the save are one step, so concurrent creations cannot pass a cap together."""
 
     async def remove(self, upload: Upload) -> None:
         """Forget an upload (record, bytes, index entries and the keys naming it) if the

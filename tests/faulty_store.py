@@ -2,7 +2,7 @@
 
 Every call is passed on to the wrapped store unless a fault is armed:
 
-- ``fail_saves(n)``: the next ``n`` calls of ``save`` raise `StoreError` (a full disk, a broken
+- ``fail_saves(n)``: the next ``n`` calls of ``save`` (or ``create``) raise `StoreError` (a full disk, a broken
   database); nothing is written.
 - ``fail_saves_in(state)``: every ``save`` of a record whose state is ``state`` raises
   `StoreError` until ``fail_saves_in(None)``.
@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from shim.lifecycle import State
 from shim.local_store import LocalStore
 from shim.model import Upload
-from shim.store import ChunkWriter, StoreError
+from shim.store import Caps, ChunkWriter, StoreError
 
 __all__ = ["FaultyStore"]
 
@@ -67,6 +67,16 @@ class FaultyStore:
 
     async def save(self, upload: Upload) -> Upload:
         self.calls["save"] += 1
+        await self._inject(upload)
+        return await self.inner.save(upload)
+
+    async def create(self, upload: Upload, caps: Caps | None = None) -> Upload:
+        self.calls["create"] += 1
+        await self._inject(upload)
+        return await self.inner.create(upload, caps)
+
+    async def _inject(self, upload: Upload) -> None:
+        """The armed fault of a save, if any (a creation is a save too)."""
         if self._fail_next > 0:
             self._fail_next -= 1
             self.failed_saves += 1
@@ -80,7 +90,6 @@ class FaultyStore:
             stored = await self.inner.load(upload.id)
             if stored is not None:
                 await self.inner.save(change(stored))
-        return await self.inner.save(upload)
 
     async def remove(self, upload: Upload) -> None:
         self.calls["remove"] += 1

@@ -23,7 +23,7 @@ import pytest
 from shim.lifecycle import Event, IllegalTransition, State
 from shim.local_store import LocalStore
 from shim.model import Answer, Target, Upload
-from shim.store import Conflict, Store, StoreError, transition
+from shim.store import CapReached, Caps, Conflict, Store, StoreError, transition
 
 Opener = Callable[[], Awaitable[Store]]
 
@@ -630,5 +630,37 @@ def test_incomplete_counts_receiving_uploads_short_of_their_length_by_account(
         await s.remove(alice[2])
         assert await s.incomplete("alice") == 0 and await s.incomplete() == 2
         assert (await s.incomplete("nobody")) == 0
+
+    store.run(scenario)
+
+
+def test_create_saves_a_new_record_only_under_its_caps_even_when_raced(store: Backend) -> None:
+    """`create` counts and saves in one step: a per-account cap and a total cap each refuse
+    the creation past them (CapReached names which), and 20 creations at once for one free
+    place leave exactly one more record; no caps, no limit; a record that exists already is
+    a Conflict, as with `save`."""
+    async def scenario(s: Store) -> None:
+        for _ in range(2):
+            await s.create(record(owner="alice"), Caps("alice", per_account=3, total=5))
+        with pytest.raises(CapReached) as account_full:
+            await s.create(record(owner="alice"), Caps("alice", per_account=2, total=5))
+        assert account_full.value.cap == "per_account"
+        await s.create(record(owner="bob"), Caps("bob", per_account=2, total=5))
+        await s.create(record(owner="", account="bob"), Caps("bob", per_account=2, total=5))
+        with pytest.raises(CapReached):  # bob's capability upload counts for bob
+            await s.create(record(owner="bob"), Caps("bob", per_account=2, total=5))
+        with pytest.raises(CapReached) as all_full:
+            await s.create(record(owner="carol"), Caps("carol", per_account=9, total=4))
+        assert all_full.value.cap == "total"
+        raced = await asyncio.gather(
+            *(s.create(record(owner="dave"), Caps("dave", per_account=1, total=99))
+              for _ in range(20)), return_exceptions=True)
+        assert sum(isinstance(r, Upload) for r in raced) == 1
+        assert all(isinstance(r, Upload | CapReached) for r in raced)
+        assert await s.incomplete("dave") == 1 and await s.incomplete() == 5
+        kept = await s.create(record(owner="erin"))
+        assert kept.version == 1 and await s.incomplete() == 6
+        with pytest.raises(Conflict):
+            await s.create(replace(kept, version=0))
 
     store.run(scenario)
