@@ -28,7 +28,16 @@ from shim.lifecycle import AWAITING_DELIVERY, Event, IllegalTransition, State, a
 from shim.metrics import Metrics
 from shim.model import Target, Upload
 from shim.outbox import Delivery, Outbox
-from shim.store import CapReached, Caps, Conflict, Store, StoreError, pieces, transition
+from shim.store import (
+    CapReached,
+    Caps,
+    Conflict,
+    Hasher,
+    Store,
+    StoreError,
+    pieces,
+    transition,
+)
 
 __all__ = ["Append", "BodyFilter", "Checksum", "Delivery", "Engine", "NewUpload", "ShimError",
            "new_upload_id"]
@@ -159,10 +168,11 @@ class Engine:
             await self.preflight(asked, new.length)
 
     async def create(self, new: NewUpload, key: str | None = None, previous: str | None = None,
-                     admitted: bool = False) -> Upload:
-        """A new upload; `key` names it for protocols that find uploads by URL, not by id.
-        `admitted`: `admit` passed already (a restart checks before it ends the old upload).
-        The caps are checked as the record is saved, in one step of the store's."""
+                     admitted: bool = False, keyed: bool = False) -> Upload:
+        """A new upload; `key` names it for protocols that find uploads by URL, not by id
+        (`keyed`: a key will name it later). `admitted`: `admit` passed already (a restart
+        checks before it ends the old upload). The caps are checked as the record is saved,
+        in one step of the store's."""
         if not admitted:
             await self.admit(new, replacing=new.part_of is not None)
         now = self.clock()
@@ -171,7 +181,8 @@ class Engine:
             metadata=dict(new.metadata), target=new.target, parts=new.parts, created=now,
             updated=now, expires_after=new.expiration, digests=dict(new.digests),
             previous=previous, account=_account(new) if new.part_of else new.account,
-            max_size=new.max_size, exclusive_parts=new.exclusive_parts)
+            max_size=new.max_size, exclusive_parts=new.exclusive_parts,
+            keyed=keyed or key is not None)
         try:  # a part counts as its whole, which the caps counted already
             upload = await self.store.create(
                 record, None if new.part_of is not None else self._caps(_account(new)))
@@ -764,20 +775,21 @@ class Engine:
                 previous.sha256 is None or previous.length != upload.length:
             return None
         digest = hashlib.sha256()
-        ids, sizes = await self.pieces(upload)
-        async for chunk in self.store.read(ids, sizes):
-            digest.update(chunk)
+        await self._hash(upload, digest)
         return previous if digest.hexdigest() == previous.sha256 else None
+
+    async def _hash(self, upload: Upload, *hashers: Hasher) -> None:
+        """Feed the stored file to `hashers`, on worker threads (never on the loop)."""
+        ids, sizes = await self.pieces(upload)
+        async for piece in self.store.ranges(ids, sizes):
+            await asyncio.to_thread(piece.hash_into, *hashers)
 
     async def _digest_mismatch(self, upload: Upload) -> str:
         """Check the expected digests over the stored file; an empty string when they match."""
         if not upload.digests:
             return ""
         hashers = {name: hashlib.new(name) for name in upload.digests}
-        ids, sizes = await self.pieces(upload)
-        async for chunk in self.store.read(ids, sizes):
-            for hasher in hashers.values():
-                await asyncio.to_thread(hasher.update, chunk)
+        await self._hash(upload, *hashers.values())
         for name, hasher in hashers.items():
             if base64.b64encode(hasher.digest()).decode() != upload.digests[name]:
                 log.warning("upload %s: %s digest mismatch; not delivered", upload.id, name)

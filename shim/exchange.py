@@ -214,7 +214,8 @@ class Exchange:
             if command.within is not None:
                 await self._part_of(command.within, command.new.owner)
             self.upload = await self.engine.create(command.new,
-                                                   previous=await self._delivered_as(command))
+                                                   previous=await self._delivered_as(command),
+                                                   keyed=command.key is not None)
             self.created = True
             if command.with_body:
                 # A filtered body's size on the wire is not the file's (aws-chunked framing):

@@ -36,7 +36,7 @@ import diskcache
 
 from shim.lifecycle import AWAITING_DELIVERY, State
 from shim.model import Answer, Target, Upload
-from shim.store import CapReached, Caps, ChunkWriter, Conflict, StoreError
+from shim.store import CapReached, Caps, ChunkWriter, Conflict, FileRange, StoreError
 
 READ_SIZE = 1024 * 1024
 FLUSH_EVERY = 8 * 1024 * 1024
@@ -354,19 +354,17 @@ class LocalStore:
 
         return await asyncio.to_thread(work)
 
-    async def read(self, upload_ids: Sequence[str], limits: Sequence[int]) -> AsyncIterator[bytes]:
+    async def ranges(self, upload_ids: Sequence[str], limits: Sequence[int]
+                     ) -> AsyncIterator[FileRange]:
         for upload_id, limit in zip(upload_ids, limits, strict=True):
             if limit == 0:
                 continue  # an empty upload may never have had a data file
             file = await asyncio.to_thread(open, self._path(upload_id), "rb")
             try:
-                remaining = limit
-                while remaining > 0:
-                    chunk = await asyncio.to_thread(file.read, min(READ_SIZE, remaining))
-                    if not chunk:
-                        raise OSError(f"data of upload {upload_id} is shorter than recorded")
-                    remaining -= len(chunk)
-                    yield chunk
+                if (await asyncio.to_thread(os.fstat, file.fileno())).st_size < limit:
+                    raise OSError(f"data of upload {upload_id} is shorter than recorded")
+                for offset in range(0, limit, READ_SIZE):
+                    yield FileRange(file, offset, min(READ_SIZE, limit - offset))
             finally:
                 file.close()
 
@@ -439,6 +437,7 @@ def _from_json(text: str) -> Upload:
         record["answer"] = Answer(**answer)
     record["parts"] = tuple(record["parts"])
     record["state"] = State(record.get("state") or _first_round_state(record))
+    record.setdefault("keyed", True)  # written before the field: its delivery is hashed
     known = {f.name for f in fields(Upload)}
     return Upload(**{name: value for name, value in record.items() if name in known})
 

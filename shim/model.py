@@ -132,6 +132,9 @@ class Upload:
     sha256: str | None = None
     """Hex SHA-256 of the file once it was delivered: a repeat with the same bytes gets the
     recorded answer instead of a second delivery."""
+    keyed: bool = False
+    """A key names it (its protocol finds it by URL): a later upload under that key may
+    repeat its bytes, so its delivery records their SHA-256 (`sha256`)."""
     previous: str | None = None
     """The upload delivered earlier under the same key, for that duplicate check."""
     max_size: int = 0

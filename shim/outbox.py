@@ -27,14 +27,14 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from shim.lifecycle import Event, IllegalTransition, State
 from shim.metrics import Metrics
 from shim.model import Answer, Upload
-from shim.store import Conflict, Store, StoreError, pieces, transition
+from shim.store import Conflict, FileRange, Store, StoreError, pieces, transition
 from shim.upstream import OutcomeUnknown, Unreachable, Upstream
 
 log = logging.getLogger("shim.outbox")
@@ -220,25 +220,35 @@ class Outbox:
         """Send the file once; the move and the changes that record how it went."""
         assert upload.target is not None and upload.length is not None
         digest = hashlib.sha256()
+        # Only a file a key names can be repeated by a later one (Engine._duplicate_of).
+        hashers = (digest,) if upload.keyed else ()
         sent = {"all": False, "last": upload.length == 0}
         if sent["last"]:
             await self._mark_last_bytes(upload)
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncGenerator[FileRange]:
             ids, sizes = await pieces(self.store, upload)
             remaining = upload.length or 0
-            async for chunk in self.store.read(ids, sizes):
-                digest.update(chunk)
-                remaining -= len(chunk)
-                if remaining <= 0 and not sent["last"]:
-                    await self._mark_last_bytes(upload)
-                    sent["last"] = True
-                yield chunk
+            loop = asyncio.get_running_loop()
+            async for piece in self.store.ranges(ids, sizes):
+                # Hashed on a worker thread while it is sent (the page cache serves both).
+                hashing = loop.run_in_executor(None, piece.hash_into, *hashers) if hashers \
+                    else None
+                try:
+                    remaining -= piece.count
+                    if remaining <= 0 and not sent["last"]:
+                        await self._mark_last_bytes(upload)
+                        sent["last"] = True
+                    yield piece
+                finally:
+                    if hashing is not None:
+                        await hashing  # before its file may be closed
             sent["all"] = True
 
         key = (("Idempotency-Key", f'"{upload.id}"'),)
         try:
-            answer = await self.upstream.send(upload.target, upload.length, body(), key)
+            async with contextlib.aclosing(body()) as sending:
+                answer = await self.upstream.send(upload.target, upload.length, sending, key)
         except Unreachable as exc:
             return self._transient(upload, str(exc))
         except OutcomeUnknown as exc:
@@ -254,7 +264,8 @@ class Outbox:
             return self._transient(upload, f"the legacy server answered {answer.status}")
         if answer.accepted:
             return Event.ACCEPTED, {"answer": answer, "problem": "",
-                                    "sha256": digest.hexdigest() if sent["all"] else None}
+                                    "sha256": digest.hexdigest() if sent["all"] and hashers
+                                    else None}
         return Event.REFUSED, {"answer": answer, "problem": ""}
 
     async def _missing_bytes(self, upload: Upload) -> str:

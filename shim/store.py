@@ -9,7 +9,8 @@ Nothing here touches a disk; a backend must not block the event loop.
 - The expiry index and the outbox are derived from the records a backend saves
   (`Upload.expires`; `state` in COMPLETE/DELIVERING with `next_attempt`).
 - Leases have a name, a holder and an expiry, so that a crashed holder's lease lapses.
-- Bytes: append at an offset through a `ChunkWriter`, read ranges, sync, truncate, delete.
+- Bytes: append at an offset through a `ChunkWriter`, ranges of open files to send or hash,
+  sync, truncate, delete.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from shim.lifecycle import Event, advance
 from shim.model import Upload
@@ -134,6 +135,39 @@ class ChunkWriter:
         self.written = position - self.start
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """`count` bytes of an open data file from `offset`: a piece of a body sent with
+    sendfile(2), so the bytes never pass through Python (`len` is its size, as h11 wants
+    for a body it does not see)."""
+
+    file: BinaryIO
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def hash_into(self, *hashers: Hasher) -> None:
+        """Feed the range's bytes to `hashers` (on a worker thread: it reads the disk)."""
+        position, end = self.offset, self.offset + self.count
+        while position < end:
+            data = os.pread(self.file.fileno(), min(HASH_READ, end - position), position)
+            if not data:
+                raise OSError("the data file is shorter than recorded")
+            for hasher in hashers:
+                hasher.update(data)
+            position += len(data)
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+HASH_READ = 1024 * 1024
+"""Bytes read at a time to hash a FileRange."""
+
+
 class Store(Protocol):
     # --- records --------------------------------------------------------------------------
 
@@ -212,8 +246,10 @@ class Store(Protocol):
         """Flush (and with `sync` fsync) what was written, keep the first `keep` bytes of the
         file (None: all of it), close it; return the size stored."""
 
-    def read(self, upload_ids: Sequence[str], limits: Sequence[int]) -> AsyncIterator[bytes]:
-        """The bytes of several uploads back to back, `limits[i]` bytes of the i-th."""
+    def ranges(self, upload_ids: Sequence[str], limits: Sequence[int]) -> AsyncIterator[FileRange]:
+        """The bytes of several uploads back to back, `limits[i]` bytes of the i-th, as
+        ranges of their open data files (OSError when a file is shorter than its limit); each
+        range is valid until the next one is asked for."""
 
     async def size(self, upload_id: str) -> int: ...
 

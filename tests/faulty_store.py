@@ -2,8 +2,8 @@
 
 Every call is passed on to the wrapped store unless a fault is armed:
 
-- ``fail_saves(n)``: the next ``n`` calls of ``save`` (or ``create``) raise `StoreError` (a full disk, a broken
-  database); nothing is written.
+- ``fail_saves(n)``: the next ``n`` calls of ``save`` (or ``create``) raise `StoreError` (a full
+  disk, a broken database); nothing is written.
 - ``fail_saves_in(state)``: every ``save`` of a record whose state is ``state`` raises
   `StoreError` until ``fail_saves_in(None)``.
 - ``conflict_once(change, state)``: the next ``save`` (of a record in ``state``, if given)
@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from shim.lifecycle import State
 from shim.local_store import LocalStore
 from shim.model import Upload
-from shim.store import Caps, ChunkWriter, StoreError
+from shim.store import Caps, ChunkWriter, FileRange, StoreError
 
 __all__ = ["FaultyStore"]
 
@@ -172,9 +172,10 @@ class FaultyStore:
         self.calls["close_writer"] += 1
         return await self.inner.close_writer(upload_id, writer, keep, sync)
 
-    def read(self, upload_ids: Sequence[str], limits: Sequence[int]) -> AsyncIterator[bytes]:
-        self.calls["read"] += 1
-        return self.inner.read(upload_ids, limits)
+    def ranges(self, upload_ids: Sequence[str], limits: Sequence[int]
+               ) -> AsyncIterator[FileRange]:
+        self.calls["ranges"] += 1
+        return self.inner.ranges(upload_ids, limits)
 
     async def size(self, upload_id: str) -> int:
         self.calls["size"] += 1

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,14 @@ import pytest
 from shim import engine as e
 from shim import local_store, store
 from shim.config import TusConfig
+from shim.demo_server import WholeFileServer
 from shim.exchange import Exchange
 from shim.local_store import LocalStore
-from shim.model import Reply, Request, Upload
+from shim.model import Reply, Request, Target, Upload
 from shim.outbox import Outbox
 from shim.protocols.tus import Tus
-from shim.upstream import Origin, Upstream
+from shim.store import FileRange
+from shim.upstream import Origin, Unreachable, Upstream
 from tests.faulty_store import FaultyStore
 
 TUS = (("Tus-Resumable", "1.0.0"),)
@@ -270,3 +273,41 @@ def test_resumed_is_one_event_after_a_pause_not_one_per_chunk(
     for upload_id, _ in resumed:
         ids.setdefault(upload_id, "abc"[len(ids)])
     assert [(ids[i], at) for i, at in resumed] == [("a", 25), ("b", 10), ("a", 35)]
+
+
+def test_a_delivery_sends_stored_ranges_byte_exact_and_a_short_file_never_passes_as_whole(
+        tmp_path: Path, legacy: WholeFileServer) -> None:
+    """Deliveries go by sendfile, range after range, across several data files (the parts
+    of one file): the legacy server gets exactly the bytes. A range that runs past the end
+    of its file (a data file cut short under the shim) fails the delivery as Unreachable
+    (it is retried), and the legacy server stores nothing."""
+    parts = [os.urandom(local_store.READ_SIZE + 5), os.urandom(7), os.urandom(3 * CHUNK)]
+
+    async def scenario() -> None:
+        disk = LocalStore(tmp_path / "store", fsync=False)
+        upstream = Upstream(Origin.parse(legacy.url), timeout=5)
+        try:
+            for index, data in enumerate(parts):
+                writer = await disk.open_writer(f"p{index}", 0)
+                writer.write(data)
+                await disk.close_writer(f"p{index}", writer, None, sync=False)
+            names, sizes = [f"p{i}" for i in range(3)], [len(p) for p in parts]
+            answer = await upstream.send(Target("PUT", "/whole"), sum(sizes),
+                                         disk.ranges(names, sizes))
+            assert answer.status == 201
+
+            async def past_the_end() -> AsyncIterator[FileRange]:
+                with open(tmp_path / "store" / "data" / "p1", "rb") as file:
+                    yield FileRange(file, 0, 7 + 100)
+
+            with pytest.raises(Unreachable):  # (after waiting `timeout` for an answer)
+                await Upstream(Origin.parse(legacy.url), timeout=0.5).send(
+                    Target("PUT", "/short"), 107, past_the_end())
+        finally:
+            await disk.close()
+
+    run(scenario)
+    whole = [r for r in legacy.received if r.path == "/whole"]
+    assert [(r.complete, r.sha256) for r in whole] == [
+        (True, hashlib.sha256(b"".join(parts)).hexdigest())]
+    assert all(not r.complete for r in legacy.received if r.path == "/short")
