@@ -39,7 +39,7 @@ from shim.model import Answer, Target, Upload
 from shim.store import CapReached, Caps, ChunkWriter, Conflict, FileRange, StoreError
 
 READ_SIZE = 1024 * 1024
-FLUSH_EVERY = 8 * 1024 * 1024
+FLUSH_EVERY = 2 * 1024 * 1024
 """Bytes of a body after which its data file is flushed in the background (ChunkWriter)."""
 FREE_BYTES_FOR = 0.5
 """Seconds a reading of the disk's free space is used for (see LocalStore.free_bytes)."""
