@@ -38,7 +38,6 @@ from shim.lifecycle import AWAITING_DELIVERY, State
 from shim.model import Answer, Target, Upload
 from shim.store import CapReached, Caps, ChunkWriter, Conflict, FileRange, StoreError
 
-READ_SIZE = 1024 * 1024
 FLUSH_EVERY = 2 * 1024 * 1024
 """Bytes of a body after which its data file is flushed in the background (ChunkWriter)."""
 FREE_BYTES_FOR = 0.5
@@ -363,8 +362,7 @@ class LocalStore:
             try:
                 if (await asyncio.to_thread(os.fstat, file.fileno())).st_size < limit:
                     raise OSError(f"data of upload {upload_id} is shorter than recorded")
-                for offset in range(0, limit, READ_SIZE):
-                    yield FileRange(file, offset, min(READ_SIZE, limit - offset))
+                yield FileRange(file, 0, limit)
             finally:
                 file.close()
 

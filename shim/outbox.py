@@ -39,6 +39,8 @@ from shim.upstream import OutcomeUnknown, Unreachable, Upstream
 
 log = logging.getLogger("shim.outbox")
 
+LAST_BYTES = 1024 * 1024
+"""The file's last bytes, sent apart once `last_bytes_sent` is on record (Upload)."""
 LEASE_TTL = 60.0
 """A delivery lease lapses this long after its last renewal; the worker renews it far
 sooner, so only a crashed instance's lease lapses."""
@@ -230,19 +232,22 @@ class Outbox:
             ids, sizes = await pieces(self.store, upload)
             remaining = upload.length or 0
             loop = asyncio.get_running_loop()
-            async for piece in self.store.ranges(ids, sizes):
-                # Hashed on a worker thread while it is sent (the page cache serves both).
-                hashing = loop.run_in_executor(None, piece.hash_into, *hashers) if hashers \
-                    else None
-                try:
-                    remaining -= piece.count
-                    if remaining <= 0 and not sent["last"]:
-                        await self._mark_last_bytes(upload)
-                        sent["last"] = True
-                    yield piece
-                finally:
-                    if hashing is not None:
-                        await hashing  # before its file may be closed
+            async for whole in self.store.ranges(ids, sizes):
+                remaining -= whole.count
+                # The file's last bytes go on their own, once they are put on record.
+                for piece in whole.split(LAST_BYTES) if remaining <= 0 else (whole,):
+                    # Hashed on a worker thread while it is sent (the page cache serves both).
+                    hashing = loop.run_in_executor(None, piece.hash_into, *hashers) \
+                        if hashers else None
+                    try:
+                        if remaining <= 0 and piece.offset + piece.count == whole.offset + whole.count \
+                                and not sent["last"]:
+                            await self._mark_last_bytes(upload)
+                            sent["last"] = True
+                        yield piece
+                    finally:
+                        if hashing is not None:
+                            await hashing  # before its file may be closed
             sent["all"] = True
 
         key = (("Idempotency-Key", f'"{upload.id}"'),)

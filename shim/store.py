@@ -148,6 +148,13 @@ class FileRange:
     def __len__(self) -> int:
         return self.count
 
+    def split(self, tail: int) -> tuple[FileRange, ...]:
+        """The range as (the bytes before its last `tail` bytes, those last bytes)."""
+        if not 0 < tail < self.count:
+            return (self,)
+        cut = self.count - tail
+        return FileRange(self.file, self.offset, cut), FileRange(self.file, self.offset + cut, tail)
+
     def hash_into(self, *hashers: Hasher) -> None:
         """Feed the range's bytes to `hashers` (on a worker thread: it reads the disk)."""
         position, end = self.offset, self.offset + self.count
@@ -250,6 +257,8 @@ class Store(Protocol):
         """The bytes of several uploads back to back, `limits[i]` bytes of the i-th, as
         ranges of their open data files (OSError when a file is shorter than its limit); each
         range is valid until the next one is asked for."""
+
+    # (A range may be a whole file: FileRange.split cuts one, Upstream sends it in slices.)
 
     async def size(self, upload_id: str) -> int: ...
 

@@ -31,6 +31,9 @@ from shim.wire import as_bytes
 
 MAX_ANSWER_BODY = 1024 * 1024
 """The legacy server's answer body is kept (and replayed) up to this size."""
+FIRST_SLICE = 1024 * 1024
+MAX_SLICE = 64 * 1024 * 1024
+"""Bytes handed to one sendfile call, at first and at most (Upstream._send_range)."""
 SEND_BUFFER = 256 * 1024
 """The kernel's send buffer for a delivery (SO_SNDBUF; Linux doubles it)."""
 
@@ -289,26 +292,43 @@ class Upstream:
                         answer: asyncio.Future[Answer]) -> None:
         await self._put(writer, conn.send(head))
         await self._put(writer, conn.send(h11.Data(data=framing.head)))
+        slice_size = FIRST_SLICE
         async for chunk in body:
             if answer.done():
                 return  # answered early: the rest is not wanted
             if isinstance(chunk, FileRange):
-                await self._send_range(conn, writer, chunk)
+                slice_size = await self._send_range(conn, writer, chunk, slice_size, answer)
             else:
                 await self._put(writer, conn.send(h11.Data(data=chunk)))
         await self._put(writer, conn.send(h11.Data(data=framing.tail)))
         await self._put(writer, conn.send(h11.EndOfMessage()))
 
     async def _send_range(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                          piece: FileRange) -> None:
-        """One range of a data file, by sendfile (read and written in Python over TLS). h11
-        counts its bytes without seeing them (its "sendfile" support: any object with a
-        length passes through `send_with_data_passthrough` untouched)."""
+                          piece: FileRange, slice_size: int, answer: asyncio.Future[Answer]
+                          ) -> int:
+        """One range of a data file, by sendfile (read and written in Python over TLS), in
+        slices; the next slice's size. h11 counts the bytes without seeing them (its
+        "sendfile" support: an object with a length passes `send_with_data_passthrough`).
+
+        The idle timeout applies to each slice, so a slice grows only while the legacy server
+        takes them quickly (a slow but steady one keeps getting small ones); few large slices
+        are what makes sendfile fast."""
         conn.send_with_data_passthrough(h11.Data(data=piece))  # type: ignore[arg-type]
-        sent = await self._timed(asyncio.get_running_loop().sendfile(
-            writer.transport, piece.file, piece.offset, piece.count))
-        if sent != piece.count:
-            raise OSError(f"the data file ended {piece.count - sent} bytes early")
+        loop = asyncio.get_running_loop()
+        position, end = piece.offset, piece.offset + piece.count
+        while position < end and not answer.done():
+            size = min(slice_size, end - position)
+            started = loop.time()
+            sent = await self._timed(loop.sendfile(writer.transport, piece.file, position, size))
+            if sent != size:
+                raise OSError(f"the data file ended {size - sent} bytes early")
+            position += sent
+            took = loop.time() - started
+            if took < self.timeout / 8:
+                slice_size = min(slice_size * 2, MAX_SLICE)
+            elif took > self.timeout / 2:
+                slice_size = max(slice_size // 2, FIRST_SLICE)
+        return slice_size
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         context = self.tls.context(self.origin.host) if self.origin.scheme == "https" else None

@@ -16,6 +16,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -281,7 +282,7 @@ def test_a_delivery_sends_stored_ranges_byte_exact_and_a_short_file_never_passes
     of one file): the legacy server gets exactly the bytes. A range that runs past the end
     of its file (a data file cut short under the shim) fails the delivery as Unreachable
     (it is retried), and the legacy server stores nothing."""
-    parts = [os.urandom(local_store.READ_SIZE + 5), os.urandom(7), os.urandom(3 * CHUNK)]
+    parts = [os.urandom(3 * 1024 * 1024 + 5), os.urandom(7), os.urandom(3 * CHUNK)]
 
     async def scenario() -> None:
         disk = LocalStore(tmp_path / "store", fsync=False)
@@ -311,3 +312,53 @@ def test_a_delivery_sends_stored_ranges_byte_exact_and_a_short_file_never_passes
     assert [(r.complete, r.sha256) for r in whole] == [
         (True, hashlib.sha256(b"".join(parts)).hexdigest())]
     assert all(not r.complete for r in legacy.received if r.path == "/short")
+
+
+def test_a_fast_legacy_server_gets_the_file_in_few_large_slices(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sendfile is fast only in large pieces: while the legacy server takes each slice well
+    within the idle timeout, the next one is twice as large (up to MAX_SLICE), so 40 MiB go
+    in 6 calls (1, 2, 4, 8, 16, then the 9 left) rather than 40; every byte arrives."""
+    size = 40 * 1024 * 1024
+    calls: list[int] = []
+    real_sendfile = asyncio.BaseEventLoop.sendfile
+
+    async def counting(self: asyncio.AbstractEventLoop, transport: asyncio.WriteTransport,
+                       file: BinaryIO, offset: int = 0, count: int | None = None,
+                       *, fallback: bool = True) -> int:
+        calls.append(count or 0)
+        return await real_sendfile(self, transport, file, offset, count,  # type: ignore[arg-type]
+                                   fallback=fallback)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", counting)
+    received = []
+
+    async def scenario() -> int:
+        async def discard(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            left = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while left:
+                left -= len(data := await reader.read(1 << 20))
+                received.append(len(data))
+            writer.write(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(discard, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        disk = LocalStore(tmp_path / "store", fsync=False)
+        try:
+            writer = await disk.open_writer("big", 0)
+            writer.write(b"s" * size)
+            await disk.close_writer("big", writer, None, sync=False)
+            answer = await Upstream(Origin.parse(f"http://127.0.0.1:{port}"), timeout=60).send(
+                Target("PUT", "/big"), size, disk.ranges(["big"], [size]))
+            return answer.status
+        finally:
+            await disk.close()
+            server.close()
+
+    assert run(scenario) == 201
+    assert sum(received) == size
+    mib = 1024 * 1024
+    assert calls == [mib, 2 * mib, 4 * mib, 8 * mib, 16 * mib, 9 * mib]
