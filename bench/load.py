@@ -1,7 +1,7 @@
 """HEAD latency and many slow uploads at once, against the shim (issue 12).
 
     .venv/bin/python -m bench.load [--uploads 1000] [--rate-kib 64] [--size-kib 512]
-        [--throttled 200] [--window 10] [--heads 2000] [--quick] [--json FILE]
+        [--throttled 200] [--settle 2] [--window 10] [--heads 2000] [--quick] [--json FILE]
 
 The shim is mitmdump with the addon, fsync on, tus, its per-owner and total upload caps
 raised above the load; its legacy server is bench.ingest's DiscardingSink (in this process,
@@ -11,8 +11,10 @@ it counts the deliveries: PUTs it answered 201). Everything on 127.0.0.1. Three 
    exists (64 KiB of 1 MiB stored), nothing else going on.
 2. `with_200_uploads`: `--throttled` uploads, each on its own connection, creating its upload;
    once all are created, each sends one PATCH body at `--rate-kib` in small writes. Once every
-   one of them is sending, HEADs go one every `--head-interval-ms` for `--window` seconds
-   (each body lasts 2 s longer than that); afterwards every upload must complete.
+   one of them is sending and `--settle` seconds have passed (the shim begins 200 PATCHes
+   that arrive together in one burst of work), HEADs go one every `--head-interval-ms` for
+   `--window` seconds (each body lasts until after that); afterwards every upload must
+   complete.
 3. `slow_1000`: on a fresh shim, `--uploads` uploads of `--size-kib` each at `--rate-kib`
    (creation + one PATCH, each on its own connection, starting spread over `--ramp` s).
    Completed = a final PATCH answered 204 with `Shim-Upstream-Status: 201`; delivered = the
@@ -384,10 +386,13 @@ async def idle_and_throttled(shim: ShimProcess, args: argparse.Namespace, rate: 
 
     since = len(shim.output().splitlines())
     delivered = sink.deliveries
-    load = Load(args.throttled, int(rate * (args.window + 2)), together=True)
+    load = Load(args.throttled, int(rate * (args.settle + args.window + 2)), together=True)
     probe = Probe(shim.port, path, interval=args.head_interval_ms / 1000)
     tasks = launch(shim.port, load, rate, ramp=0.0)
     await load.all_sending.wait()
+    # The shim begins 200 PATCHes that arrived together in a burst of loop work (their heads,
+    # leases, files): the window measures the uploads in flight, after that start.
+    await asyncio.sleep(args.settle)
     loop = asyncio.get_running_loop()
     window_began = loop.time()
     probe.go()
@@ -396,7 +401,7 @@ async def idle_and_throttled(shim: ShimProcess, args: argparse.Namespace, rate: 
     window_ended = loop.time()
     busy = await probe.result()
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=load.size / rate + 120)
-    busy.update(uploads=load.uploads, completed=load.completed,
+    busy.update(uploads=load.uploads, completed=load.completed, settle_s=args.settle,
                 delivered=await settle(sink, delivered, load.completed),
                 window_s=round(window_ended - window_began, 2),
                 all_sending_throughout=bool(load.first_body_done == 0
@@ -509,6 +514,8 @@ def main() -> int:
     parser.add_argument("--size-kib", type=int, default=512, help="size of each slow upload")
     parser.add_argument("--throttled", type=int, default=200,
                         help="uploads in flight while HEADs are measured")
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds between the last PATCH head sent and the HEAD window")
     parser.add_argument("--window", type=float, default=10.0,
                         help="seconds of HEADs with the throttled uploads in flight")
     parser.add_argument("--heads", type=int, default=2000, help="HEADs on the idle shim")
@@ -521,7 +528,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.uploads, args.size_kib, args.throttled = 50, 128, 20
-        args.window, args.heads, args.ramp = 3.0, 200, 0.5
+        args.window, args.heads, args.ramp, args.settle = 3.0, 200, 0.5, 0.5
     rate = args.rate_kib * KIB
     raise_open_files(3 * max(args.uploads, args.throttled) + 200)  # client, shim, its sink
     sink = CountingSink()
