@@ -32,7 +32,13 @@ from shim.engine import WRITE_LEASE_TTL, Engine, Limits, every
 from shim.exchange import Exchange
 from shim.local_store import FolderInUse, LocalStore, claim_folder
 from shim.metrics import Metrics
-from shim.mitm import answer_early, close_client, limit_request_heads, send_interim
+from shim.mitm import (
+    answer_early,
+    close_client,
+    hold_client,
+    limit_request_heads,
+    send_interim,
+)
 from shim.model import Reply, Request
 from shim.outbox import DeliveryPolicy, Outbox
 from shim.preflight import Preflight
@@ -350,7 +356,7 @@ class Shim:
         if request.has_body and not isinstance(command, Forward | NeedBody):
             state = _FlowState(exchange)
             exchange.start(partial(close_client, flow, "a newer request took over"),
-                           partial(self._after_begin, flow, state))
+                           partial(self._after_begin, flow, state), partial(hold_client, flow))
             return state
         try:
             await exchange.begin()

@@ -129,6 +129,8 @@ class Engine:
         self.instance = secrets.token_hex(8)
         """Names this process as a lease holder."""
         self._writers: dict[str, Append] = {}
+        self.early_bytes = 0
+        """Body bytes held in memory by requests that have not begun yet (shim.exchange)."""
         self._paused: OrderedDict[str, None] = OrderedDict()
         """Uploads whose client asked where to go on, or whose last body was cut off, since
         their last write: the next body there resumes the upload (see `_resuming`)."""

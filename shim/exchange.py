@@ -35,6 +35,11 @@ TURN_WAIT = 30.0
 """Seconds a request waits for the earlier ones on the same upload to begin."""
 EARLY_LIMIT = 64 * 1024 * 1024
 """Body bytes held in memory while a request's upload is still being looked up."""
+EARLY_BUDGET = 16 * 1024 * 1024
+"""Body bytes all requests may hold so before their clients are held back (Exchange.feed)."""
+
+Hold = Callable[[], Callable[[], object] | None]
+"""Stops reading from the request's client; returns how to go on (None: it cannot)."""
 
 
 UploadCommand = c.Append | c.Inspect | c.Cancel | c.WriteRange | c.WriteSegments
@@ -112,6 +117,9 @@ class Exchange:
         self._segments_task: asyncio.Future[None] | None = None
         self._queued = 0
         """Bytes of a byte-range body waiting in the queue (at most EARLY_LIMIT)."""
+        self._hold: Hold | None = None
+        self._resume: Callable[[], object] | None = None
+        """Reads from the client again, while it is held back (see `start`)."""
         self._found: Upload | None = None
         """The upload `_begin_in_turn` looked up, while nothing can have changed it since:
         the lookups in `_begin` take it instead of reading the store again."""
@@ -174,13 +182,17 @@ class Exchange:
                 self._interrupt()
 
     def start(self, interrupt: Callable[[], object],
-              then: Callable[[], Awaitable[object]] | None = None) -> None:
+              then: Callable[[], Awaitable[object]] | None = None,
+              hold: Hold | None = None) -> None:
         """Begin in the background, so the hook that saw the request head returns at once:
         mitmproxy drops the body of a client that leaves while that hook still runs. Chunks
         that arrive meanwhile wait in memory (at most EARLY_LIMIT bytes) until it is done;
-        `then` runs after it, refused or not (the 1xx, or the early refusal, is sent from
-        there; it must not wait for `finish`, which waits for this)."""
+        once all requests hold more than EARLY_BUDGET so, `hold` stops reading from this
+        one's client until it has begun (a busy shim must not buffer every slow upload's
+        body). `then` runs after it, refused or not (the 1xx, or the early refusal, is sent
+        from there; it must not wait for `finish`, which waits for this)."""
         self._interrupt = interrupt
+        self._hold = hold
         self._queue()
 
         async def run() -> None:
@@ -203,6 +215,10 @@ class Exchange:
 
     def _feed_early(self) -> None:
         early, self._early = self._early, []
+        self.engine.early_bytes -= sum(len(data) for data in early)
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            resume()
         for data in early:
             self._feed(data)
 
@@ -390,6 +406,10 @@ class Exchange:
                     "busy", "the upload was not ready for the body in time", 503)
             else:
                 self._early.append(data)
+                self.engine.early_bytes += len(data)
+                if self.engine.early_bytes > EARLY_BUDGET and self._hold is not None \
+                        and self._resume is None:
+                    self._resume = self._hold()
             return
         self._feed(data)
 

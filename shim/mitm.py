@@ -45,6 +45,28 @@ def close_client(flow: http.HTTPFlow, reason: str) -> bool:
     return True
 
 
+def hold_client(flow: http.HTTPFlow) -> Callable[[], None] | None:
+    """Stop reading from the flow's client connection (TCP flow control then slows the
+    client down); returns what reads from it again, or None when the connection is gone.
+    On HTTP/2 this holds every stream of the connection."""
+    try:
+        proxyserver = ctx.master.addons.get("proxyserver")
+        handler = proxyserver.connections[flow.client_conn.id]
+        writer = handler.transports[handler.client].writer
+    except (AttributeError, KeyError):
+        return None
+    if writer is None or writer.transport.is_closing():
+        return None
+    transport = writer.transport
+    transport.pause_reading()
+
+    def resume() -> None:
+        if not transport.is_closing():
+            transport.resume_reading()
+
+    return resume
+
+
 class _InterimSource:
     """Stands where an HttpStream would in HttpLayer.command_sources: when its command
     'completes', it emits the interim response on the flow's stream."""

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import pytest
 
 from shim import engine as e
+from shim import exchange as exchange_module
 from shim import local_store, store
 from shim.config import TusConfig
 from shim.demo_server import WholeFileServer
@@ -362,3 +363,62 @@ def test_a_fast_legacy_server_gets_the_file_in_few_large_slices(
     assert sum(received) == size
     mib = 1024 * 1024
     assert calls == [mib, 2 * mib, 4 * mib, 8 * mib, 16 * mib, 9 * mib]
+
+
+def test_a_busy_shim_holds_back_clients_instead_of_holding_their_bodies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks that arrive before their request has begun wait in memory; once all requests
+    together hold more than EARLY_BUDGET so, the client is held back (once) until its request
+    has begun, then read again, and every byte is stored."""
+    monkeypatch.setattr(exchange_module, "EARLY_BUDGET", 4 * CHUNK)
+
+    class SlowStore(FaultyStore):
+        """Record reads wait at a gate: a store too busy to answer at once."""
+
+        gate: asyncio.Event
+
+        async def load(self, upload_id: str) -> Upload | None:
+            await self.gate.wait()
+            return await super().load(upload_id)
+
+    async def scenario() -> tuple[list[str], int, int, int, int | None]:
+        inner = LocalStore(tmp_path / "store", fsync=False)
+        slow = SlowStore(inner)
+        slow.gate = asyncio.Event()
+        slow.gate.set()
+        engine = e.Engine(slow, Outbox(slow, Upstream(Origin.parse("http://127.0.0.1:9"),
+                                                      timeout=5)), 0)
+        tus = Tus(TusConfig())
+        try:
+            created = await _request(engine, tus, Request(
+                "POST", "/files/", "", (*TUS, ("Upload-Length", str(100 * CHUNK))), 0))
+            location = dict((k.lower(), v) for k, v in created.headers)["location"]
+            path = location[location.index("/files/"):]
+            slow.gate.clear()
+            request = Request("PATCH", path, "", (
+                *TUS, ("Upload-Offset", "0"), ("Content-Type", "application/offset+octet-stream")),
+                8 * CHUNK)
+            command = tus.parse(request, "me")
+            assert command is not None
+            exchange = Exchange(engine, tus, request, command)
+            calls: list[str] = []
+
+            def hold() -> Callable[[], object]:
+                calls.append("hold")
+                return lambda: calls.append("resume")
+
+            exchange.start(lambda: None, None, hold)
+            for _ in range(8):
+                exchange.feed(b"c" * CHUNK)
+            held_bytes = engine.early_bytes
+            slow.gate.set()
+            reply = await exchange.finish()
+            upload = await inner.load(path.rsplit("/", 1)[1])
+            return calls, held_bytes, engine.early_bytes, reply.status, \
+                upload.offset if upload else None
+        finally:
+            await inner.close()
+
+    calls, held_bytes, left, status, offset = run(scenario)
+    assert calls == ["hold", "resume"]
+    assert (held_bytes, left, status, offset) == (8 * CHUNK, 0, 204, 8 * CHUNK)
