@@ -152,20 +152,22 @@ def test_a_long_body_is_flushed_while_it_arrives_and_kept_whole(
     monkeypatch.setattr(store.os, "fdatasync", datasyncs)
     size = 2 * local_store.FLUSH_EVERY
 
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> tuple[int, int, int]:
         disk = LocalStore(tmp_path / "store", fsync=True)
         try:
             writer = await _write_body(disk, "u1", size)
+            await writer.flushed()  # the flush the body started, on its thread
             flushed_before_close = len(datasyncs.fds)
             kept = await disk.close_writer("u1", writer, size, sync=True)
             with pytest.raises(OSError):
                 os.fstat(writer.fd)  # closed
-            return flushed_before_close, kept
+            return flushed_before_close, kept, writer.fd
         finally:
             await disk.close()
 
-    flushed_before_close, kept = run(scenario)
+    flushed_before_close, kept, fd = run(scenario)
     assert flushed_before_close >= 1 and kept == size
+    assert set(datasyncs.fds) == {fd}  # the body's own file
     assert (tmp_path / "store" / "data" / "u1").stat().st_size == size
 
 
@@ -195,9 +197,12 @@ def test_a_failed_flush_fails_the_commit_of_the_body_and_closes_the_file(
 
 def test_without_fsync_nothing_is_flushed_in_the_background(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`storage.fsync: false` means no flush at all, in the background either."""
+    """`storage.fsync: false` means no flush at all, in the background either; and with it
+    on, a body that is not kept (sync=False) is not synced either."""
     datasyncs = _Datasyncs()
     monkeypatch.setattr(store.os, "fdatasync", datasyncs)
+    fsyncs = _Datasyncs()
+    monkeypatch.setattr(local_store.os, "fsync", fsyncs)
 
     async def scenario() -> int:
         disk = LocalStore(tmp_path / "store", fsync=False)
@@ -207,8 +212,18 @@ def test_without_fsync_nothing_is_flushed_in_the_background(
         finally:
             await disk.close()
 
+    async def dropped() -> int:
+        disk = LocalStore(tmp_path / "synced", fsync=True)
+        try:
+            writer = await disk.open_writer("d", 0)
+            writer.write(b"d" * 10)
+            return await disk.close_writer("d", writer, 0, sync=False)
+        finally:
+            await disk.close()
+
     assert run(scenario) == 2 * local_store.FLUSH_EVERY
-    assert datasyncs.fds == []
+    assert datasyncs.fds == [] and fsyncs.fds == []
+    assert run(dropped) == 0 and fsyncs.fds == []
 
 
 def test_flushes_do_not_pile_up_behind_a_slow_disk(
@@ -422,3 +437,38 @@ def test_a_busy_shim_holds_back_clients_instead_of_holding_their_bodies(
     calls, held_bytes, left, status, offset = run(scenario)
     assert calls == ["hold", "resume"]
     assert (held_bytes, left, status, offset) == (8 * CHUNK, 0, 204, 8 * CHUNK)
+
+
+def test_a_range_hashes_exactly_its_bytes_in_bounded_reads_and_splits_off_its_tail(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What delivery hashes and sends is exactly the range: every hasher gets the range's
+    bytes (read HASH_READ at a time, never the whole file at once), a range past the end of
+    its file is an OSError, and `split` cuts off exactly the last bytes (nothing when there
+    is nothing to cut)."""
+    monkeypatch.setattr(store, "HASH_READ", 7)
+    data = os.urandom(100)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        reads.append(size)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(store.os, "pread", pread)
+    with open(path, "rb") as file:
+        piece = FileRange(file, 10, 50)
+        first, second = hashlib.sha256(), hashlib.md5()
+        piece.hash_into(first, second)
+        assert first.digest() == hashlib.sha256(data[10:60]).digest()
+        assert second.digest() == hashlib.md5(data[10:60]).digest()
+        assert max(reads) == 7 and sum(reads) == 50
+        with pytest.raises(OSError):
+            FileRange(file, 90, 20).hash_into(hashlib.sha256())
+        assert piece.split(0) == (piece,) and piece.split(50) == (piece,)
+        assert [(p.offset, p.count) for p in piece.split(1)] == [(10, 49), (59, 1)]
+        assert piece.split(60) == (piece,)
+        head, tail = piece.split(8)
+        assert (head.offset, head.count, tail.offset, tail.count) == (10, 42, 52, 8)
+        assert head.file is file and tail.file is file and len(head) == 42
