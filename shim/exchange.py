@@ -18,7 +18,7 @@ from shim import engine as e
 from shim import errors
 from shim.engine import check_length
 from shim.errors import ShimError
-from shim.lifecycle import State
+from shim.lifecycle import AWAITING_DELIVERY, State
 from shim.model import Reply, Request, Upload
 from shim.protocols import Protocol
 from shim.store import Conflict
@@ -264,10 +264,14 @@ class Exchange:
             return None
         before = await self.engine.store.resolve(command.key)
         earlier = await self.engine.store.load(before) if before is not None else None
-        if earlier is not None and earlier.owner == command.new.owner and \
-                earlier.state is State.DELIVERED:
-            return earlier.id
-        return None
+        if earlier is None or earlier.owner != command.new.owner:
+            return None
+        if earlier.state in AWAITING_DELIVERY:
+            # Sent, perhaps, but its answer not yet recorded: a retry whose first answer was
+            # lost can arrive just then. Its outcome decides (Engine.await_delivery).
+            await self.engine.await_delivery(earlier)
+            earlier = await self.engine.store.load(earlier.id)
+        return earlier.id if earlier is not None and earlier.state is State.DELIVERED else None
 
     async def _part_of(self, whole_id: str, owner: str) -> Upload:
         """The owner's upload a new part belongs to: still taking parts, and now active."""

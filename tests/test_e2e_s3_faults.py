@@ -1121,3 +1121,22 @@ def test_a_put_object_sent_again_after_its_answer_was_lost_is_delivered_once(
     raw.cut()  # the answer never reaches the client, which sends the object again
     assert call(proc.port, "PUT", f"/s3/{BUCKET}/{key}", data).status == 200
     assert_delivered_once(whole, key, data)
+
+
+def test_a_put_object_sent_again_while_its_first_answer_is_still_coming_is_delivered_once(
+        shim: ShimLauncher, recording_legacy: LegacyServer) -> None:
+    """The legacy server has the whole object but has not answered yet when the client, its
+    connection gone, sends the same object again: the retry waits for that delivery's outcome
+    and gets its answer; the legacy server gets the object once."""
+    proc = shim(s3_config(), upstream_url=recording_legacy.url)
+    key, data = "answer-still-coming.bin", random_bytes(100 * KIB, 69)
+    recording_legacy.late = 1.5  # within delivery.wait (WAIT): the retry hears the outcome
+    recording_legacy.set_mode("late")
+    raw = begin(proc.port, "PUT", f"/s3/{BUCKET}/{key}", data).send(data)
+    wait_until(lambda: any(r.complete for r in legacy_deliveries(recording_legacy, key)),
+               SETTLE, "the whole object at the legacy server, not yet answered")
+    assert all(r.status == 0 for r in legacy_deliveries(recording_legacy, key))
+    raw.cut()
+    assert call(proc.port, "PUT", f"/s3/{BUCKET}/{key}", data).status == 200
+    assert len(legacy_deliveries(recording_legacy, key)) == 1
+    assert_accepted_once(recording_legacy, key, data)
