@@ -149,16 +149,21 @@ def plain(port: int, chunk: bytes, count: int) -> float:
     return send_chunks(port, chunk, count, lambda i: ("PATCH", f"/chunk/{i}", {}))
 
 
-def tus(port: int, chunk: bytes, count: int) -> float:
-    """One tus upload of `count` chunks (creation untimed)."""
+def tus_create(port: int, length: int) -> str:
+    """A tus upload of `length` bytes made at 127.0.0.1:`port`; its path."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", "/files/", headers={**TUS, "Upload-Length": str(count * len(chunk))})
+    conn.request("POST", "/files/", headers={**TUS, "Upload-Length": str(length)})
     created = conn.getresponse()
     created.read()
     conn.close()
     if created.status != 201:
         raise RuntimeError(f"tus creation: {created.status}")
-    location = urlsplit(created.getheader("Location") or "").path
+    return urlsplit(created.getheader("Location") or "").path
+
+
+def tus(port: int, chunk: bytes, count: int) -> float:
+    """One tus upload of `count` chunks (creation untimed)."""
+    location = tus_create(port, count * len(chunk))
     return send_chunks(port, chunk, count, lambda i: ("PATCH", location, {
         **TUS, "Upload-Offset": str(i * len(chunk)),
         "Content-Type": "application/offset+octet-stream"}))

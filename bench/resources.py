@@ -56,9 +56,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from bench.ingest import MIB, TUS, DiscardingSink, mitmdump, send_chunks
+from bench.ingest import MIB, TUS, DiscardingSink, mitmdump, send_chunks, tus_create
 from tests.harness import ShimProcess, wait_until
 
 GIB = 1024 * MIB
@@ -205,14 +204,7 @@ class Checks:
 def tus_upload(port: int, chunk: bytes, count: int) -> str:
     """One tus upload of `count` chunks on one connection; returns the upload's id (the
     final answer comes after its delivery)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", "/files/", headers={**TUS, "Upload-Length": str(count * len(chunk))})
-    created = conn.getresponse()
-    created.read()
-    conn.close()
-    if created.status != 201:
-        raise RuntimeError(f"creation: {created.status}")
-    location = urlsplit(created.getheader("Location") or "").path
+    location = tus_create(port, count * len(chunk))
     send_chunks(port, chunk, count, lambda i: ("PATCH", location, {
         **TUS, "Upload-Offset": str(i * len(chunk)),
         "Content-Type": "application/offset+octet-stream"}))

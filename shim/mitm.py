@@ -25,6 +25,17 @@ from mitmproxy.utils import human
 log = logging.getLogger("shim.mitm")
 
 
+def _client_transport(flow: http.HTTPFlow) -> Any:
+    """mitmproxy's transport record of the flow's client connection, or None when it is gone
+    (its `handler` task reads the connection; its `writer` holds the asyncio transport)."""
+    try:
+        proxyserver = ctx.master.addons.get("proxyserver")
+        handler = proxyserver.connections[flow.client_conn.id]
+        return handler.transports[handler.client]
+    except (AttributeError, KeyError):
+        return None
+
+
 def close_client(flow: http.HTTPFlow, reason: str) -> bool:
     """Close the client connection of a flow whose body is still arriving, the way mitmproxy's
     own inactivity timeout does (ConnectionHandler.on_timeout); its `error` hook then runs.
@@ -32,12 +43,8 @@ def close_client(flow: http.HTTPFlow, reason: str) -> bool:
     Used to end an earlier request on an upload when a new one arrives (IETF resumable
     uploads draft, "Concurrency"; also how tusd releases stale locks). On HTTP/2 this closes
     the whole connection, not only the stream."""
-    try:
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = proxyserver.connections[flow.client_conn.id]
-        task = handler.transports[handler.client].handler
-    except (AttributeError, KeyError):
-        return False
+    client = _client_transport(flow)
+    task = client.handler if client is not None else None
     if task is None:
         return False
     log.info("shim: closing %s: %s", flow.client_conn.peername, reason)
@@ -49,12 +56,8 @@ def hold_client(flow: http.HTTPFlow) -> Callable[[], None] | None:
     """Stop reading from the flow's client connection (TCP flow control then slows the
     client down); returns what reads from it again, or None when the connection is gone.
     On HTTP/2 this holds every stream of the connection."""
-    try:
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = proxyserver.connections[flow.client_conn.id]
-        writer = handler.transports[handler.client].writer
-    except (AttributeError, KeyError):
-        return None
+    client = _client_transport(flow)
+    writer = client.writer if client is not None else None
     if writer is None or writer.transport.is_closing():
         return None
     transport = writer.transport
