@@ -1,6 +1,8 @@
-"""What one request costs the shim beyond its bytes (issue 12), held where a change would
-quietly bring a cost back: the store reads of a tus PATCH, the disk-space reading shared by
-requests close together, and the write-behind that lets the disk work while a body arrives.
+"""What requests and bytes cost the shim (issue 12), held where a change would quietly bring
+a cost back: the store reads of a tus PATCH, the disk-space reading shared by requests close
+together, the write-behind that lets the disk work while a body arrives, "resumed" logged
+once per pause rather than per chunk, delivery by sendfile in growing slices of exact ranges,
+and clients held back rather than their bodies held in memory when the shim is busy.
 
 Each test runs the real code on a real LocalStore in tmp_path; the counts come from
 `tests.faulty_store.FaultyStore` (which counts calls) or from a recording stand-in for the
