@@ -124,17 +124,16 @@ class Engine:
         self.preflight = preflight
         """Asks the legacy server whether it takes an upload before it is created (raises
         its refusal); None: no such check (`auth.preflight: none`)."""
-        """Creations count and save one at a time, so that a cap is never overshot."""
         self.clock = clock
         self.instance = secrets.token_hex(8)
         """Names this process as a lease holder."""
         self._writers: dict[str, Append] = {}
+        """The bodies this process is writing, by upload id: whose requests a take-over ends."""
         self.early_bytes = 0
         """Body bytes held in memory by requests that have not begun yet (shim.exchange)."""
         self._paused: OrderedDict[str, None] = OrderedDict()
         """Uploads whose client asked where to go on, or whose last body was cut off, since
         their last write: the next body there resumes the upload (see `_resuming`)."""
-        """The bodies this process is writing, by upload id: whose requests a take-over ends."""
         self._tickets: dict[str, int] = {}
         """The newest take-over ticket of each upload written since start (see take_over)."""
         self._background: set[asyncio.Future[None]] = set()

@@ -64,13 +64,6 @@ async def _superseding(engine: e.Engine, command: c.Command, protocol: str) -> U
     return None
 
 
-async def _required(engine: e.Engine, command: UploadCommand, protocol: str) -> Upload:
-    upload = await _lookup(engine, command, protocol)
-    if upload is None:
-        raise errors.not_found()
-    return upload
-
-
 def _resource(command: c.Command) -> str | None:
     """What a command works on, known from the request head alone: an upload's id or key."""
     if isinstance(command, c.Append | c.Inspect | c.Cancel | c.WriteRange | c.WriteSegments):
@@ -504,7 +497,7 @@ class Exchange:
         if isinstance(command, c.Inspect):
             return await self._inspect(command)
         if isinstance(command, c.Cancel):
-            upload = await _required(self.engine, command, self.protocol.name)
+            upload = await self._required(command)
             await self.engine.terminate(upload)
             if command.family is not None:
                 await self.engine.drop_family(command.family, upload.owner)
@@ -574,7 +567,7 @@ class Exchange:
         return c.Outcome(listing=tuple(dict(listing).items()))
 
     async def _inspect(self, command: c.Inspect) -> c.Outcome:
-        upload = await self.engine.refresh(await _required(self.engine, command, self.protocol.name))
+        upload = await self.engine.refresh(await self._required(command))
         self.engine.paused(upload)
         if not command.settle:
             return c.Outcome(upload=upload, offset=self.engine.offset_of(upload))

@@ -235,13 +235,13 @@ class Outbox:
             async for whole in self.store.ranges(ids, sizes):
                 remaining -= whole.count
                 # The file's last bytes go on their own, once they are put on record.
-                for piece in whole.split(LAST_BYTES) if remaining <= 0 else (whole,):
+                pieces_of_whole = whole.split(LAST_BYTES) if remaining <= 0 else (whole,)
+                for piece in pieces_of_whole:
                     # Hashed on a worker thread while it is sent (the page cache serves both).
                     hashing = loop.run_in_executor(None, piece.hash_into, *hashers) \
                         if hashers else None
                     try:
-                        if remaining <= 0 and piece.offset + piece.count == whole.offset + whole.count \
-                                and not sent["last"]:
+                        if remaining <= 0 and piece is pieces_of_whole[-1] and not sent["last"]:
                             await self._mark_last_bytes(upload)
                             sent["last"] = True
                         yield piece
