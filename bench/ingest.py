@@ -307,6 +307,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def write_figures(figures: dict[str, Any], path: Path | None) -> None:
+    """A benchmark's figures as JSON: the last line printed (what bench.perf and the smoke
+    tests read), and the file `path` when given."""
+    if path is not None:
+        path.write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures))
+
+
 def main() -> int:
     args = parse_args()
     wanted = [name for name in TARGETS if name in args.targets]
@@ -341,9 +349,7 @@ def main() -> int:
         "mib_per_s": figures, "ratios": found,
         "delivered_mib": {name: round(size / MIB, 1) for name, size in sink.delivered.items()},
     }
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_figures(result, args.json)
     return 0
 
 

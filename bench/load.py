@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.ingest import DiscardingSink
+from bench.ingest import DiscardingSink, write_figures
 from tests.harness import ShimProcess
 
 KIB = 1024
@@ -541,9 +541,7 @@ def main() -> int:
             slow = asyncio.run(slow_uploads(shim, args, rate, sink))
     figures = {"idle": idle, "with_200_uploads": busy, "slow_1000": slow}
     print(table(figures))
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=2))
-    print(json.dumps(figures))
+    write_figures(figures, args.json)
     return 0
 
 

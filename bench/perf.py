@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.ingest import write_figures
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ("ingest", "load", "resources")
 CHUNKS = ("1", "8", "64")
@@ -153,11 +155,9 @@ def main() -> int:
     print(rendered)
     print(f"\n{minutes:.1f} minutes; .venv/bin/python -m bench.perf{' --quick' if args.quick else ''}")
     result = {"quick": args.quick, "minutes": round(minutes, 2), **figures}
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
     if args.markdown is not None:
         args.markdown.write_text(rendered + "\n")
-    print(json.dumps(result))
+    write_figures(result, args.json)
     return 0
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
-import json
 import os
 import socket
 import statistics
@@ -57,7 +56,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.ingest import MIB, TUS, DiscardingSink, mitmdump, send_chunks, tus_create
+from bench.ingest import (
+    MIB,
+    TUS,
+    DiscardingSink,
+    mitmdump,
+    send_chunks,
+    tus_create,
+    write_figures,
+)
 from tests.harness import ShimProcess, wait_until
 
 GIB = 1024 * MIB
@@ -468,9 +475,7 @@ def main() -> int:
         "received": checks.results,
     }
     print(table(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_figures(result, args.json)
     return 0
 
 
