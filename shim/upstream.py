@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -31,9 +32,10 @@ from shim.wire import as_bytes
 
 MAX_ANSWER_BODY = 1024 * 1024
 """The legacy server's answer body is kept (and replayed) up to this size."""
-FIRST_SLICE = 1024 * 1024
-MAX_SLICE = 64 * 1024 * 1024
-"""Bytes handed to one sendfile call, at first and at most (Upstream._send_range)."""
+SLICE = 16 * 1024 * 1024
+"""Bytes handed to one sendfile call (Upstream._send_range)."""
+_TCP_INFO_BYTES_ACKED = slice(120, 128)
+"""Where Linux's struct tcp_info holds tcpi_bytes_acked (a u64, since Linux 4.1)."""
 SEND_BUFFER = 256 * 1024
 """The kernel's send buffer for a delivery (SO_SNDBUF; Linux doubles it)."""
 
@@ -292,43 +294,52 @@ class Upstream:
                         answer: asyncio.Future[Answer]) -> None:
         await self._put(writer, conn.send(head))
         await self._put(writer, conn.send(h11.Data(data=framing.head)))
-        slice_size = FIRST_SLICE
         async for chunk in body:
             if answer.done():
                 return  # answered early: the rest is not wanted
             if isinstance(chunk, FileRange):
-                slice_size = await self._send_range(conn, writer, chunk, slice_size, answer)
+                await self._send_range(conn, writer, chunk, answer)
             else:
                 await self._put(writer, conn.send(h11.Data(data=chunk)))
         await self._put(writer, conn.send(h11.Data(data=framing.tail)))
         await self._put(writer, conn.send(h11.EndOfMessage()))
 
     async def _send_range(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                          piece: FileRange, slice_size: int, answer: asyncio.Future[Answer]
-                          ) -> int:
+                          piece: FileRange, answer: asyncio.Future[Answer]) -> None:
         """One range of a data file, by sendfile (read and written in Python over TLS), in
-        slices; the next slice's size. h11 counts the bytes without seeing them (its
-        "sendfile" support: an object with a length passes `send_with_data_passthrough`).
-
-        The idle timeout applies to each slice, so a slice grows only while the legacy server
-        takes them quickly (a slow but steady one keeps getting small ones); few large slices
-        are what makes sendfile fast."""
+        SLICE-sized calls (few large ones are what makes sendfile fast), with a look at an
+        early answer between them. h11 counts the bytes without seeing them (its "sendfile"
+        support: an object with a length passes `send_with_data_passthrough`)."""
         conn.send_with_data_passthrough(h11.Data(data=piece))  # type: ignore[arg-type]
-        loop = asyncio.get_running_loop()
         position, end = piece.offset, piece.offset + piece.count
         while position < end and not answer.done():
-            size = min(slice_size, end - position)
-            started = loop.time()
-            sent = await self._timed(loop.sendfile(writer.transport, piece.file, position, size))
+            size = min(SLICE, end - position)
+            sent = await self._watched(writer, loop_sendfile(writer, piece, position, size))
             if sent != size:
                 raise OSError(f"the data file ended {size - sent} bytes early")
             position += sent
-            took = loop.time() - started
-            if took < self.timeout / 8:
-                slice_size = min(slice_size * 2, MAX_SLICE)
-            elif took > self.timeout / 2:
-                slice_size = max(slice_size // 2, FIRST_SLICE)
-        return slice_size
+
+    async def _watched(self, writer: asyncio.StreamWriter, sending: Awaitable[int]) -> int:
+        """Await a sendfile call under the idle timeout, counted on progress: it fails only
+        when the legacy server acknowledged no byte for `timeout` seconds (TCP_INFO), however
+        long the whole call takes. Where the kernel does not say, the call as a whole gets
+        `timeout`."""
+        sock = writer.get_extra_info("socket")
+        acked = _bytes_acked(sock)
+        if acked is None:
+            return await self._timed(sending)
+        task = asyncio.ensure_future(sending)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.timeout)
+                if done:
+                    return task.result()
+                now = _bytes_acked(sock)
+                if now is None or now == acked:
+                    raise TimeoutError(f"no byte taken in {self.timeout}s")
+                acked = now
+        finally:
+            task.cancel()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         context = self.tls.context(self.origin.host) if self.origin.scheme == "https" else None
@@ -398,3 +409,22 @@ class Upstream:
                 raise UpstreamError("the legacy server closed the connection without an answer")
 
 
+def loop_sendfile(writer: asyncio.StreamWriter, piece: FileRange, offset: int,
+                  count: int) -> Awaitable[int]:
+    """`count` bytes of `piece`'s file from `offset` onto the writer's transport."""
+    return asyncio.get_running_loop().sendfile(writer.transport, piece.file, offset, count)
+
+
+def _bytes_acked(sock: socket.socket | None) -> int | None:
+    """The bytes the peer has acknowledged on `sock` (progress the idle timeout can see), or
+    None where the kernel does not say."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if sock is None or tcp_info is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 256)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_BYTES_ACKED.stop:
+        return None
+    return int.from_bytes(info[_TCP_INFO_BYTES_ACKED], sys.byteorder)
