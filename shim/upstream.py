@@ -32,7 +32,7 @@ from shim.wire import as_bytes
 
 MAX_ANSWER_BODY = 1024 * 1024
 """The legacy server's answer body is kept (and replayed) up to this size."""
-SLICE = 16 * 1024 * 1024
+SLICE = 64 * 1024 * 1024
 """Bytes handed to one sendfile call (Upstream._send_range)."""
 _TCP_INFO_BYTES_ACKED = slice(120, 128)
 """Where Linux's struct tcp_info holds tcpi_bytes_acked (a u64, since Linux 4.1)."""

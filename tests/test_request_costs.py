@@ -25,6 +25,7 @@ import pytest
 from shim import engine as e
 from shim import exchange as exchange_module
 from shim import local_store, store
+from shim import upstream as upstream_module
 from shim.config import TusConfig
 from shim.demo_server import WholeFileServer
 from shim.exchange import Exchange
@@ -334,8 +335,8 @@ def test_a_delivery_sends_stored_ranges_byte_exact_and_a_short_file_never_passes
 
 def test_a_fast_legacy_server_gets_the_file_in_few_large_slices(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """sendfile is fast only in large pieces: 40 MiB go in SLICE-sized calls (16, 16, then
-    the 8 left) rather than 40 of 1 MiB; every byte arrives."""
+    """sendfile is fast only in large pieces: a file goes in SLICE-sized calls (here 16 MiB:
+    16, 16, then the 8 left of 40 MiB), not in 1 MiB reads; every byte arrives."""
     size = 40 * 1024 * 1024
     calls: list[int] = []
     real_sendfile = asyncio.BaseEventLoop.sendfile
@@ -348,6 +349,7 @@ def test_a_fast_legacy_server_gets_the_file_in_few_large_slices(
                                    fallback=fallback)
 
     monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", counting)
+    monkeypatch.setattr(upstream_module, "SLICE", 16 * 1024 * 1024)
     received = []
 
     async def scenario() -> int:
