@@ -268,8 +268,7 @@ class Upstream:
             head = h11.Request(method=target.method, target=target.path,
                                headers=self._headers(target, framing, total, extra))
             try:
-                await self._send_all(conn, writer, head, framing, body, answer)
-                sent_all = not answer.done()
+                sent_all = await self._send_all(conn, writer, head, framing, body, answer)
                 sending.set()
             except (OSError, TimeoutError, h11.ProtocolError) as exc:
                 sending.set()
@@ -291,21 +290,26 @@ class Upstream:
     async def _send_all(self, conn: h11.Connection, writer: asyncio.StreamWriter,
                         head: h11.Request, framing: Framing,
                         body: AsyncIterator[bytes | FileRange],
-                        answer: asyncio.Future[Answer]) -> None:
+                        answer: asyncio.Future[Answer]) -> bool:
+        """Whether the whole request went out. A server that reads it all and then closes
+        may end `answer` before this returns: only an answer (or close) that came while bytes
+        were still to send means the legacy server cannot have seen the whole file."""
         await self._put(writer, conn.send(head))
         await self._put(writer, conn.send(h11.Data(data=framing.head)))
         async for chunk in body:
             if answer.done():
-                return  # answered early: the rest is not wanted
+                return False  # answered early: the rest is not wanted
             if isinstance(chunk, FileRange):
-                await self._send_range(conn, writer, chunk, answer)
+                if not await self._send_range(conn, writer, chunk, answer):
+                    return False
             else:
                 await self._put(writer, conn.send(h11.Data(data=chunk)))
         await self._put(writer, conn.send(h11.Data(data=framing.tail)))
         await self._put(writer, conn.send(h11.EndOfMessage()))
+        return True
 
     async def _send_range(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                          piece: FileRange, answer: asyncio.Future[Answer]) -> None:
+                          piece: FileRange, answer: asyncio.Future[Answer]) -> bool:
         """One range of a data file, by sendfile (read and written in Python over TLS), in
         SLICE-sized calls (few large ones are what makes sendfile fast), with a look at an
         early answer between them. h11 counts the bytes without seeing them (its "sendfile"
@@ -318,6 +322,7 @@ class Upstream:
             if sent != size:
                 raise OSError(f"the data file ended {size - sent} bytes early")
             position += sent
+        return position == end
 
     async def _watched(self, writer: asyncio.StreamWriter, sending: Awaitable[int]) -> int:
         """Await a sendfile call under the idle timeout, counted on progress: it fails only

@@ -1,7 +1,8 @@
 """Smoke run of bench/resources.py with tiny sizes, so that the benchmark cannot rot.
 
 No timing or memory threshold is asserted: only that it runs, reports every figure as a
-positive number, and that the sink got each upload exactly once, whole.
+positive number (a CPU split of a tiny run may be zero: /proc counts in clock ticks), and
+that the sink got each upload exactly once, whole.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import sys
 from pathlib import Path
 
 from tests.harness import REPO_ROOT, subprocess_env
+
+TICK_PROOF = {"shim_s_per_gib", "mitmproxy_s_per_gib", "ratio", "shim_nofsync_s_per_gib",
+              "mitmproxy_mib_per_s"}
+"""CPU figures of whole ingest runs, many clock ticks long even in a quick run; the delivery's
+and the system-time splits of a tiny run may round to no tick at all."""
 
 
 def test_resources_bench_reports_cpu_delivery_and_memory(tmp_path: Path) -> None:
@@ -36,7 +42,9 @@ def test_resources_bench_reports_cpu_delivery_and_memory(tmp_path: Path) -> None
     for section, keys in required.items():
         assert keys <= set(figures[section]), (section, figures[section])
         for key, value in figures[section].items():
-            assert isinstance(value, float) and value > 0, (section, key, value)
+            assert isinstance(value, float) and value >= 0, (section, key, value)
+            if section != "cpu" or key in TICK_PROOF:
+                assert value > 0, (section, key, value)
     assert all(isinstance(ok, bool) for ok in figures["targets"].values())
 
     received = figures["received"]
