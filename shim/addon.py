@@ -26,11 +26,12 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from shim import config as shim_config
 from shim.admin import Admin
+from shim.backends import AnyStore, open_store, signals_for
 from shim.commands import Command, Forward, NeedBody
 from shim.cors import Cors
-from shim.engine import WRITE_LEASE_TTL, Engine, Limits, every
+from shim.engine import Engine, Limits, every
 from shim.exchange import Exchange
-from shim.local_store import FolderInUse, LocalStore, claim_folder
+from shim.local_store import FolderInUse, LocalStore
 from shim.metrics import Metrics
 from shim.mitm import (
     answer_early,
@@ -53,7 +54,10 @@ from shim.protocols.seed001 import Seed001
 from shim.protocols.tus import Tus
 from shim.protocols.tus_target import TusTarget
 from shim.protocols.webdav import Webdav
+from shim.redis_store import RedisStore, safe_url
+from shim.signals import RedisSignals
 from shim.sink import Sink
+from shim.store import StoreError
 from shim.upstream import Origin, Upstream, UpstreamTLS, UpstreamTLSError
 from shim.wire import as_bytes
 
@@ -61,6 +65,8 @@ log = logging.getLogger("shim")
 
 SWEEP_INTERVAL = 600.0
 GAUGE_INTERVAL = 5.0
+STORE_RETRY = 1.0
+"""Seconds between start-up attempts while the store cannot be reached."""
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 _CLAIMED_FIELD = "x-shim-claimed"
 _STATE = "shim"
@@ -93,9 +99,12 @@ class Shim:
         self.admin: Admin | None = None
         self.sink = Sink()
         self._config_path: str | None = None
-        self.store: LocalStore | None = None
+        self.store: AnyStore | None = None
+        self.signals: RedisSignals | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
+        self._starting = "recovering uploads"
+        """What start-up waits for, while it does (/readyz)."""
         """Set once start-up recovery is done: no request sees a record before it."""
         self.origin: Origin | None = None
         self._eager_sink = False
@@ -143,11 +152,14 @@ class Shim:
             _close_later(self.store)
         upstream = Upstream(origin, config.upstream.timeout, tls, keep_host=not self._rewrite_host)
         delivery = config.delivery
+        signals = signals_for(store)
+        lease_ttl = config.storage.lease_ttl
         outbox = Outbox(store, upstream, DeliveryPolicy(
             wait=delivery.wait, give_up_after=delivery.give_up_after,
             on_unknown=delivery.on_unknown),
-            metrics=Metrics("json" if ctx.options.shim_log_format == "json" else "text"))
-        self.store = store
+            metrics=Metrics("json" if ctx.options.shim_log_format == "json" else "text"),
+            signals=signals, lease_ttl=lease_ttl)
+        self.store, self.signals = store, signals
         limits = config.limits
         auth = config.auth
         preflight = None if auth.preflight == "none" else Preflight(
@@ -156,22 +168,21 @@ class Shim:
         self.metrics = outbox.metrics
         self.engine = Engine(store, outbox, config.storage.min_free_bytes, limits=Limits(
             uploads_per_owner=limits.uploads_per_owner, uploads_total=limits.uploads_total),
-            preflight=preflight)
+            preflight=preflight, signals=signals, lease_ttl=lease_ttl)
         self.protocols = _protocols(config)
         self.cors = Cors(config.cors, _upload_prefixes(config))
         self.origin = origin
         self._config_path = path
-        for line in _banner(config, origin, store.directory):
+        for line in _banner(config, origin, store):
             log.info("shim: %s", line)
 
-    def _open_store(self, storage: shim_config.StorageConfig) -> LocalStore:
-        """The store on `storage.dir`, which this process takes for itself first; anything
-        that makes the folder unusable is one line that names it, and the shim does not
-        start (or keeps its current store on a reload)."""
+    def _open_store(self, storage: shim_config.StorageConfig) -> AnyStore:
+        """The configured store (a local folder this process takes for itself first);
+        anything that makes the folder unusable is one line that names it, and the shim does
+        not start (or keeps its current store on a reload)."""
         folder = os.path.realpath(storage.dir)
         try:
-            claim_folder(folder)
-            return LocalStore(folder, fsync=storage.fsync)
+            return open_store(storage, serving=True)
         except FolderInUse as exc:
             raise exceptions.OptionsError(f"storage.dir: {exc}") from exc
         except OSError as exc:
@@ -202,18 +213,34 @@ class Shim:
                         "--listen-host 127.0.0.1 to take uploads from this machine only")
         assert self.engine is not None and self.store is not None
         engine = self.engine
-        await self.store.drop_leases()  # this process owns the folder: none can be live
-        repaired = await engine.recover()
-        if repaired:
-            log.info("shim: recovered %d uploads after a restart", repaired)
+        await self._start_admin()
+        await self._recover()
         self._ready.set()
         engine.outbox.start()
         self._tasks = [
             asyncio.create_task(every(SWEEP_INTERVAL, self._sweep, "the expiry sweep")),
-            asyncio.create_task(every(WRITE_LEASE_TTL / 3, engine.renew_leases, "lease renewal")),
+            asyncio.create_task(every(engine.lease_ttl / 3, engine.renew_leases, "lease renewal")),
             asyncio.create_task(every(GAUGE_INTERVAL, self._gauges, "the metrics gauges")),
         ]
-        await self._start_admin()
+
+    async def _recover(self) -> None:
+        """Start-up recovery, tried again while the store cannot be reached (a Redis that is
+        not up yet): requests wait for it, and /readyz says why."""
+        assert self.engine is not None and self.store is not None
+        if isinstance(self.store, LocalStore):
+            await self.store.drop_leases()  # this process owns the folder: none can be live
+        while True:
+            try:
+                if self.signals is not None:
+                    await self.signals.start()  # before any request: one may be asked to end
+                repaired = await self.engine.recover()
+                break
+            except StoreError as exc:
+                self._starting = f"the store cannot be reached: {exc}"
+                log.error("shim: %s; trying again in %.0fs", self._starting, STORE_RETRY)
+                await asyncio.sleep(STORE_RETRY)
+        if repaired:
+            log.info("shim: recovered %d uploads after a restart", repaired)
 
     async def _start_admin(self) -> None:
         listen = ctx.options.shim_admin or self.config.admin.listen
@@ -241,8 +268,11 @@ class Shim:
     async def _not_ready(self) -> str | None:
         """/readyz: why the shim cannot take uploads now, or None."""
         assert self.store is not None and self.origin is not None
-        if not await asyncio.to_thread(os.access, self.store.directory, os.W_OK):
-            return f"the storage folder {self.store.directory} is not writable"
+        if not self._ready.is_set():
+            return f"starting: {self._starting}"
+        problem = await self.store.health()
+        if problem is not None:
+            return problem
         try:
             async with asyncio.timeout(2.0):
                 _, writer = await asyncio.open_connection(self.origin.host, self.origin.port)
@@ -260,6 +290,8 @@ class Shim:
             await self.admin.stop()
         if self.engine is not None:
             await self.engine.outbox.stop()
+        if self.signals is not None:
+            await self.signals.close()
         if self.store is not None:
             await self.store.close()
 
@@ -548,13 +580,16 @@ def _upload_prefixes(config: shim_config.Config) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-def _banner(config: shim_config.Config, origin: Origin, folder: object) -> list[str]:
+def _banner(config: shim_config.Config, origin: Origin, store: AnyStore) -> list[str]:
     """What the shim does, where: for the person who just started it."""
     def where(paths: tuple[str, ...]) -> str:
         return "under " + ", ".join(paths) if paths else "on any path"
 
     lines = [f"delivering whole files to {origin.scheme}://{origin.authority}",
-             f"keeping partial uploads in {folder}"]
+             f"keeping partial uploads in {store.directory}"]
+    if isinstance(store, RedisStore):
+        lines.append(f"sharing uploads with other instances through {safe_url(store.url)} "
+                     f"(leases lapse after {config.storage.lease_ttl:g}s)")
     if config.s3.paths:
         lines.append(f"S3 multipart uploads and PutObject under {', '.join(config.s3.paths)} "
                      f"(auth: {config.s3.auth})")
@@ -597,7 +632,7 @@ async def _guarded(step: Callable[[], Awaitable[Reply]]) -> Reply:
         return _internal_error()
 
 
-def _close_later(store: LocalStore) -> None:
+def _close_later(store: AnyStore) -> None:
     """A store replaced by a new configuration closes once the loop gets to it."""
     with contextlib.suppress(RuntimeError):  # no loop yet: nothing was opened on a thread
         asyncio.get_running_loop().create_task(store.close())

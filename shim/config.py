@@ -151,10 +151,21 @@ class S3Config:
 @dataclass(frozen=True)
 class StorageConfig:
     dir: str = "./shim-data"
+    """Where the bytes are (and, with the local backend, the records). With `redis`, a
+    folder every instance mounts at this path."""
     fsync: bool = True
     """fsync each chunk before acknowledging it, so an acknowledged byte survives power loss."""
     min_free_bytes: int = 64 * 1024 * 1024
     """Refuse to store more (507) when the disk has less free space than this."""
+    backend: Literal["local", "redis"] = "local"
+    """local: one shim process owns `dir` (records in SQLite beside the bytes). redis: several
+    instances share uploads, records and leases in Redis at `redis_url`, bytes in `dir`."""
+    redis_url: str = ""
+    """redis://[:password@]host:port/db, rediss://... (TLS) or unix:///path.sock."""
+    lease_ttl: float = 60.0
+    """Seconds after which the write and delivery leases of a crashed shim lapse (they are
+    renewed every third of it while a body or a delivery runs): how long a SIGKILLed
+    instance's uploads wait before another instance may take them."""
 
 
 @dataclass(frozen=True)
@@ -334,6 +345,19 @@ def _convert(hint: Any, value: object, key: str, problems: list[str]) -> object:
     return value
 
 
+def _check_storage(storage: StorageConfig, problems: list[str]) -> None:
+    if storage.lease_ttl <= 0:
+        problems.append(f"storage.lease_ttl: must be positive, not {storage.lease_ttl}")
+    if storage.backend == "redis" and not storage.redis_url.startswith(REDIS_SCHEMES):
+        problems.append("storage.redis_url: must be redis://host:port/db, rediss://... or "
+                        f"unix:///path with storage.backend: redis, not {storage.redis_url!r}")
+    if storage.backend == "local" and storage.redis_url:
+        problems.append("storage.redis_url: only used with storage.backend: redis")
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def _check(config: Config, problems: list[str]) -> None:
     """Rules between values that types alone cannot say."""
     endpoint = config.tus.endpoint
@@ -390,6 +414,7 @@ def _check(config: Config, problems: list[str]) -> None:
         if positive <= 0:
             problems.append(f"{key}: must be positive, not {positive}")
     _check_s3(config.s3, problems)
+    _check_storage(config.storage, problems)
     if not config.tus.forward.field:
         problems.append("tus.forward.field: must not be empty")
     if config.public_url and not _is_origin(config.public_url):

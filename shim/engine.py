@@ -28,6 +28,7 @@ from shim.lifecycle import AWAITING_DELIVERY, Event, IllegalTransition, State, a
 from shim.metrics import Metrics
 from shim.model import Target, Upload
 from shim.outbox import Delivery, Outbox
+from shim.signals import RELEASED, TAKE_OVER, Signals
 from shim.store import (
     CapReached,
     Caps,
@@ -57,7 +58,11 @@ ASSEMBLED = "assembled-from"
 PART_TAG = "etag"
 """The metadata key under which a part keeps what its client names it by (S3's ETag)."""
 WRITE_LEASE_TTL = 60.0
-"""A write lease lapses this long after its last renewal (renewed every third of it)."""
+"""A write lease lapses this long after its last renewal (renewed every third of it), unless
+the engine is given another `lease_ttl` (`storage.lease_ttl`)."""
+RELEASE_LOOK = 0.25
+"""Seconds between looks at a lease another instance was asked to give up (the signal that
+it did is a hint: see shim.signals)."""
 
 
 def new_upload_id() -> str:
@@ -115,7 +120,8 @@ class Engine:
     def __init__(self, store: Store, outbox: Outbox, min_free_bytes: int = 0,
                  clock: Callable[[], float] = time.time, limits: Limits | None = None,
                  preflight: Callable[[Target, int | None], Awaitable[None]] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, signals: Signals | None = None,
+                 lease_ttl: float = WRITE_LEASE_TTL) -> None:
         self.store = store
         self.outbox = outbox
         self.min_free_bytes = min_free_bytes
@@ -139,6 +145,19 @@ class Engine:
         self._background: set[asyncio.Future[None]] = set()
         self._turns: dict[str, asyncio.Future[None]] = {}
         """The last request on each resource still beginning (see queue_begin)."""
+        self.lease_ttl = lease_ttl
+        self.signals = signals
+        """How this instance reaches the others on a shared store; None: it is alone."""
+        self._released: dict[str, asyncio.Event] = {}
+        """Uploads whose write this instance asked another one to end, until it did."""
+        if signals is not None:
+            signals.subscribe(TAKE_OVER, self._asked_to_end)
+            signals.subscribe(RELEASED, self._ended_elsewhere)
+
+    @property
+    def shared(self) -> bool:
+        """Other instances serve the same uploads (a shared store)."""
+        return self.signals is not None
 
     # --- records --------------------------------------------------------------------------
 
@@ -415,7 +434,7 @@ class Engine:
         if await self.store.free_bytes() < needed:
             raise errors.insufficient_storage("the shim's disk is too full to store more")
         holder = f"{self.instance}:{secrets.token_hex(4)}"
-        if not await self.store.acquire(f"write:{upload.id}", holder, WRITE_LEASE_TTL):
+        if not await self.store.acquire(f"write:{upload.id}", holder, self.lease_ttl):
             raise errors.locked()
         try:
             if checksum is not None or body_filter is not None:  # a crash keeps none of it
@@ -547,24 +566,71 @@ class Engine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def take_over(self, upload_id: str, timeout: float = 10.0) -> int:
-        """End a body still arriving for this upload, wait until its bytes are committed, and
-        return this request's ticket: a request that began earlier but had not started
-        writing yet sees, by `superseded`, that it must not write any more.
+    async def take_over(self, upload_id: str, timeout: float = 10.0) -> tuple[int, bool]:
+        """End a body still arriving for this upload (in this process, or on a shared store
+        in another instance), wait until its bytes are committed, and return this request's
+        ticket, and whether a body was being written (its record is then newer than one read
+        before): a request that began earlier but had not started writing yet sees, by
+        `superseded`, that it must not write any more.
 
         A client that lost its connection often comes back before the shim has noticed; the
         IETF draft ("Concurrency") recommends that the new request end the earlier one."""
+        ticket, writing = await self._take_over_here(upload_id, timeout)
+        if self.signals is not None and not writing:
+            writing = await self._end_elsewhere(upload_id, timeout)
+        return ticket, writing
+
+    async def _take_over_here(self, upload_id: str, timeout: float) -> tuple[int, bool]:
         ticket = self._tickets[upload_id] = self._tickets.get(upload_id, 0) + 1
         active = self._writers.get(upload_id)
         if active is None or active.interrupt is None:
-            return ticket
+            return ticket, active is not None
         active.interrupt()
         self.metrics.record(active.upload, "taken over")
         try:
             await asyncio.wait_for(active.released.wait(), timeout)
         except TimeoutError:
             log.warning("upload %s: the earlier request did not end in %ss", upload_id, timeout)
-        return ticket
+        return ticket, True
+
+    async def _end_elsewhere(self, upload_id: str, timeout: float) -> bool:
+        """If another instance holds the upload's write lease, ask it to end that write and
+        wait (up to `timeout`) until the lease is free; whether one was held."""
+        lease = f"write:{upload_id}"
+        holder = await self.store.holder(lease)
+        if holder is None or holder.startswith(f"{self.instance}:"):
+            return False
+        assert self.signals is not None
+        released = self._released.setdefault(upload_id, asyncio.Event())
+        await self.signals.publish(TAKE_OVER, upload_id)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while holder is not None:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                log.warning("upload %s: the request writing it at another instance did not "
+                            "end in %ss", upload_id, timeout)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(released.wait(), min(remaining, RELEASE_LOOK))
+            holder = await self.store.holder(lease)
+        if self._released.get(upload_id) is released:
+            del self._released[upload_id]
+        return True
+
+    def _asked_to_end(self, upload_id: str) -> None:
+        """Another instance took the upload over: end the write here (as a newer request
+        here would), then say so."""
+        async def end() -> None:
+            _, writing = await self._take_over_here(upload_id, timeout=10.0)
+            if writing and self.signals is not None:
+                await self.signals.publish(RELEASED, upload_id)
+
+        self._spawn(end())
+
+    def _ended_elsewhere(self, upload_id: str) -> None:
+        released = self._released.get(upload_id)
+        if released is not None:
+            released.set()
 
     def queue_begin(self, resource: str) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
         """Requests on one resource (an upload id or a protocol's key) begin in the order they
@@ -585,18 +651,19 @@ class Engine:
         """A newer request took the upload over since `ticket` was handed out."""
         return self._tickets.get(upload_id) != ticket
 
-    def is_writing(self, upload_id: str) -> bool:
-        """A body is being written to the upload in this process."""
-        return upload_id in self._writers
-
     def _refuse_if_busy(self, upload: Upload) -> None:
         if upload.id in self._writers:
             raise errors.locked()
 
     async def renew_leases(self) -> None:
-        """Keep the write leases of running bodies from lapsing."""
+        """Keep the write leases of running bodies from lapsing. A body whose lease lapsed
+        anyway (the loop or the store stalled longer than the lease) is ended: another
+        request may hold it now."""
         for upload_id, append in list(self._writers.items()):
-            await self.store.renew(f"write:{upload_id}", append.holder, WRITE_LEASE_TTL)
+            if not await self.store.renew(f"write:{upload_id}", append.holder, self.lease_ttl) \
+                    and self._writers.get(upload_id) is append and append.interrupt is not None:
+                log.warning("upload %s: the write lease lapsed; ending the body", upload_id)
+                append.interrupt()
 
     # --- concatenation (tus "concatenation"; several partial uploads make one file) ---------
 
@@ -804,24 +871,39 @@ class Engine:
 
     async def recover(self) -> int:
         """At start-up: commit bytes that reached the disk, drop unverified ones, and queue
-        uploads that were complete but not yet in the outbox when the shim stopped."""
+        uploads that were complete but not yet in the outbox when the shim stopped. Each
+        upload under its write lease: on a shared store another instance may be writing it
+        (then it is not this one's to repair)."""
         repaired = 0
+        holder = f"{self.instance}:recovery"
         for upload_id in await self.store.ids():
             upload = await self.store.load(upload_id)
-            if upload is None or not upload.receiving or upload.parts:
+            if not _recoverable(upload) or not await self.store.acquire(
+                    f"write:{upload_id}", holder, self.lease_ttl):
                 continue
-            stored = await self.store.size(upload_id)
-            if upload.unverified_from is not None:
-                await self.store.truncate(upload_id, upload.unverified_from)
-                offset = upload.unverified_from
-            else:
-                limit = upload.length if upload.length is not None else stored
-                offset = max(upload.offset, min(stored, limit))
-            if (offset, upload.unverified_from) != (upload.offset, None):
-                upload = await self.change(upload, offset=offset, unverified_from=None)
-                repaired += 1
-            with contextlib.suppress(ShimError):  # a digest mismatch terminates it
-                await self.settle(upload)  # complete before the crash, never queued
+            try:
+                upload = await self.store.load(upload_id)  # as it is now, under the lease
+                if upload is not None and _recoverable(upload):
+                    repaired += await self._recover(upload)
+            finally:
+                await self.store.release(f"write:{upload_id}", holder)
+        return repaired
+
+    async def _recover(self, upload: Upload) -> int:
+        """Repair one receiving upload; 1 if its record changed."""
+        repaired = 0
+        stored = await self.store.size(upload.id)
+        if upload.unverified_from is not None:
+            await self.store.truncate(upload.id, upload.unverified_from)
+            offset = upload.unverified_from
+        else:
+            limit = upload.length if upload.length is not None else stored
+            offset = max(upload.offset, min(stored, limit))
+        if (offset, upload.unverified_from) != (upload.offset, None):
+            upload = await self.change(upload, offset=offset, unverified_from=None)
+            repaired = 1
+        with contextlib.suppress(ShimError):  # a digest mismatch terminates it
+            await self.settle(upload)  # complete before the crash, never queued
         return repaired
 
     async def sweep(self, batch: int = 500) -> int:
@@ -854,7 +936,18 @@ class Engine:
 
     async def _expire(self, upload: Upload) -> None:
         """EXPIRED, then forgotten: the record goes (its version checked), and its bytes. A
-        terminated upload's record (kept to answer 410) just goes."""
+        terminated upload's record (kept to answer 410) just goes. Under its write lease, so
+        that no body starts (on a shared store, at any instance) on an upload going away;
+        Conflict when one runs."""
+        lease, holder = f"write:{upload.id}", f"{self.instance}:expiry"
+        if not await self.store.acquire(lease, holder, self.lease_ttl):
+            raise Conflict(f"upload {upload.id} is being written")
+        try:
+            await self._expire_leased(upload)
+        finally:
+            await self.store.release(lease, holder)
+
+    async def _expire_leased(self, upload: Upload) -> None:
         if not upload.gone:
             upload = await self.store.save(replace(upload, state=advance(upload.state, Event.EXPIRE)))
             self.metrics.record(upload, "expired")
@@ -905,6 +998,11 @@ def _still_receiving(upload: Upload) -> dict[str, Any]:
     if not upload.receiving:
         raise ShimError("completed", "the upload is already complete", 409)
     return {}
+
+
+def _recoverable(upload: Upload | None) -> bool:
+    """Receiving, with bytes of its own: what a crash may have left short of the disk."""
+    return upload is not None and upload.receiving and not upload.parts
 
 
 def _same_request(existing: Upload, new: NewUpload) -> bool:

@@ -56,10 +56,11 @@ async def _lookup(engine: e.Engine, command: UploadCommand, protocol: str) -> Up
 
 async def _superseding(engine: e.Engine, command: c.Command, protocol: str) -> Upload | None:
     """The upload whose running request this command ends before it starts: every write and
-    cancel does, an inspection only when its protocol says so. Only the owner may end one:
-    the lookup refuses anybody else before anything is interrupted."""
+    cancel does, an inspection when its protocol says so, or on a shared store (where the
+    body runs on any instance: tusd's HEAD likewise takes the upload's lock). Only the owner
+    may end one: the lookup refuses anybody else before anything is interrupted."""
     if isinstance(command, c.Append | c.Cancel | c.WriteRange | c.WriteSegments) or (
-            isinstance(command, c.Inspect) and command.take_over):
+            isinstance(command, c.Inspect) and (command.take_over or engine.shared)):
         return await _lookup(engine, command, protocol)
     return None
 
@@ -154,9 +155,8 @@ class Exchange:
             superseding = await _superseding(self.engine, self.command, self.protocol.name)
             if superseding is not None:
                 upload_id = superseding.id
-                unchanged = not self.engine.is_writing(upload_id)  # take_over will not wait
-                ticket = await self.engine.take_over(upload_id)
-                if unchanged:
+                ticket, writing = await self.engine.take_over(upload_id)
+                if not writing:  # what was found is still the newest record
                     self._found = superseding
             await self._begin()
         except ShimError as exc:

@@ -1,7 +1,7 @@
 """The embedded store: diskcache for the records, SQLite indexes beside it, local files.
 
 Layout under `storage.dir`:
-- `data/<id>`: an upload's bytes.
+- `data/<id>`: an upload's bytes (`shim.data_folder`).
 - `meta/`: a diskcache (SQLite) holding each `Upload` as JSON under `upload:<id>`. Eviction
   is off: a cache that forgot an upload would lose what a client was told is stored.
 - `index.sqlite`: secondary keys, the expiry index, the outbox and leases, each a table with
@@ -19,29 +19,24 @@ default executor. Nothing here blocks the event loop.
 from __future__ import annotations
 
 import asyncio
-import base64
 import fcntl
-import json
 import os
-import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import diskcache
 
-from shim.lifecycle import AWAITING_DELIVERY, State
-from shim.model import Answer, Target, Upload
-from shim.store import CapReached, Caps, ChunkWriter, Conflict, FileRange, StoreError
+from shim.data_folder import FLUSH_EVERY, FREE_BYTES_FOR, DataFolder
+from shim.lifecycle import AWAITING_DELIVERY
+from shim.model import Upload
+from shim.records import from_json, to_json
+from shim.store import CapReached, Caps, Conflict, StoreError, cap_account, key_bytes, successor
 
-FLUSH_EVERY = 2 * 1024 * 1024
-"""Bytes of a body after which its data file is flushed in the background (ChunkWriter)."""
-FREE_BYTES_FOR = 0.5
-"""Seconds a reading of the disk's free space is used for (see LocalStore.free_bytes)."""
+__all__ = ["FLUSH_EVERY", "FREE_BYTES_FOR", "FolderInUse", "LocalStore", "claim_folder"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS links (key BLOB PRIMARY KEY, upload_id TEXT NOT NULL);
@@ -87,19 +82,17 @@ def claim_folder(directory: str | Path) -> None:
     _CLAIMED[str(folder)] = fd
 
 
-class LocalStore:
+class LocalStore(DataFolder):
+    """Records in diskcache, indexes and leases in SQLite, bytes in a DataFolder: one shim
+    process per folder (see `claim_folder`)."""
+
     def __init__(self, directory: str | Path, fsync: bool = True) -> None:
-        self.directory = Path(directory)
-        self._data = self.directory / "data"
-        self._data.mkdir(parents=True, exist_ok=True)
-        self.fsync = fsync
+        super().__init__(directory, fsync)
         self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none",
                                      size_limit=2**62)
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shim-store")
         self._index: sqlite3.Connection | None = None
         self._index_path = self.directory / "index.sqlite"
-        self._free: tuple[float, int] | None = None
-        """When the disk's free space was read, and what it was."""
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -136,7 +129,7 @@ class LocalStore:
 
     def _load(self, upload_id: str) -> Upload | None:
         raw = self._meta.get(f"upload:{upload_id}")
-        return _from_json(raw) if isinstance(raw, str) else None
+        return from_json(raw) if isinstance(raw, str) else None
 
     async def save(self, upload: Upload) -> Upload:
         return await self._db(lambda: self._save(upload))
@@ -148,7 +141,7 @@ class LocalStore:
             current = self._load(upload.id)
             if (current.version if current is not None else 0) != upload.version:
                 raise Conflict(f"upload {upload.id} changed since it was read")
-            self._meta.set(f"upload:{upload.id}", _to_json(saved))
+            self._meta.set(f"upload:{upload.id}", to_json(saved))
         self._index_after(saved)
         return saved
 
@@ -182,8 +175,8 @@ class LocalStore:
         if upload.state in AWAITING_DELIVERY:
             sql.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)",
                         (upload.id, upload.next_attempt))
-        if _incomplete(upload):
-            account = upload.account if upload.account is not None else upload.owner
+        account = cap_account(upload)
+        if account is not None:
             sql.execute("INSERT OR REPLACE INTO incomplete VALUES (?, ?)", (upload.id, account))
 
     def _index_after(self, upload: Upload) -> None:
@@ -193,7 +186,7 @@ class LocalStore:
             sql.execute("DELETE FROM expiry WHERE upload_id = ?", (upload.id,))
         if upload.state not in AWAITING_DELIVERY:
             sql.execute("DELETE FROM outbox WHERE upload_id = ?", (upload.id,))
-        if not _incomplete(upload):
+        if cap_account(upload) is None:
             sql.execute("DELETE FROM incomplete WHERE upload_id = ?", (upload.id,))
 
     async def remove(self, upload: Upload) -> None:
@@ -226,24 +219,24 @@ class LocalStore:
 
     async def link(self, key: str, upload_id: str) -> None:
         await self._db(lambda: self._sql().execute(
-            "INSERT OR REPLACE INTO links VALUES (?, ?)", (_key(key), upload_id)))
+            "INSERT OR REPLACE INTO links VALUES (?, ?)", (key_bytes(key), upload_id)))
 
     async def resolve(self, key: str) -> str | None:
         def work() -> str | None:
             row = self._sql().execute("SELECT upload_id FROM links WHERE key = ?",
-                                      (_key(key),)).fetchone()
+                                      (key_bytes(key),)).fetchone()
             return str(row[0]) if row else None
 
         return await self._db(work)
 
     async def unlink(self, key: str, upload_id: str) -> None:
         await self._db(lambda: self._sql().execute(
-            "DELETE FROM links WHERE key = ? AND upload_id = ?", (_key(key), upload_id)))
+            "DELETE FROM links WHERE key = ? AND upload_id = ?", (key_bytes(key), upload_id)))
 
     async def links(self, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
         def work() -> list[tuple[str, str]]:
-            start = _key(prefix)
-            end = _successor(start)
+            start = key_bytes(prefix)
+            end = successor(start)
             query = "SELECT key, upload_id FROM links WHERE key >= ?" + (
                 " AND key < ?" if end is not None else "") + " ORDER BY key LIMIT ?"
             values = (start, end, limit) if end is not None else (start, limit)
@@ -318,134 +311,3 @@ class LocalStore:
     async def drop_leases(self) -> None:
         """Forget every lease: at start-up of the one process that owns this folder."""
         await self._db(lambda: self._sql().execute("DELETE FROM leases"))
-
-    # --- bytes ----------------------------------------------------------------------------
-
-    def _path(self, upload_id: str) -> Path:
-        if not upload_id or "/" in upload_id or upload_id.startswith("."):
-            raise ValueError(f"not an upload id: {upload_id!r}")
-        return self._data / upload_id
-
-    async def open_writer(self, upload_id: str, offset: int, create: bool = True) -> ChunkWriter:
-        path = self._path(upload_id)
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        fd = await asyncio.to_thread(os.open, path, flags, 0o600)
-        return ChunkWriter(fd, offset, FLUSH_EVERY if self.fsync else 0)
-
-    async def close_writer(self, upload_id: str, writer: ChunkWriter, keep: int | None,
-                           sync: bool) -> int:
-        try:
-            await writer.flushed()
-        except OSError:
-            if sync:  # bytes to keep that may not be on the disk
-                await asyncio.to_thread(os.close, writer.fd)
-                raise
-
-        def work() -> int:
-            try:
-                if keep is not None and os.fstat(writer.fd).st_size > keep:
-                    os.ftruncate(writer.fd, keep)
-                if sync and self.fsync:
-                    os.fsync(writer.fd)
-                return os.fstat(writer.fd).st_size
-            finally:
-                os.close(writer.fd)
-
-        return await asyncio.to_thread(work)
-
-    async def ranges(self, upload_ids: Sequence[str], limits: Sequence[int]
-                     ) -> AsyncIterator[FileRange]:
-        for upload_id, limit in zip(upload_ids, limits, strict=True):
-            if limit == 0:
-                continue  # an empty upload may never have had a data file
-            file = await asyncio.to_thread(open, self._path(upload_id), "rb")
-            try:
-                if (await asyncio.to_thread(os.fstat, file.fileno())).st_size < limit:
-                    raise OSError(f"data of upload {upload_id} is shorter than recorded")
-                yield FileRange(file, 0, limit)
-            finally:
-                file.close()
-
-    async def size(self, upload_id: str) -> int:
-        def work() -> int:
-            try:
-                return self._path(upload_id).stat().st_size
-            except FileNotFoundError:
-                return 0
-
-        return await asyncio.to_thread(work)
-
-    async def truncate(self, upload_id: str, size: int) -> None:
-        def work() -> None:
-            path = self._path(upload_id)
-            if path.exists():
-                os.truncate(path, size)
-
-        await asyncio.to_thread(work)
-
-    async def discard(self, upload_id: str) -> None:
-        await asyncio.to_thread(self._path(upload_id).unlink, missing_ok=True)
-
-    async def free_bytes(self) -> int:
-        """Free bytes on the storage disk, read at most every FREE_BYTES_FOR seconds: every
-        body asks first, and a statfs off the loop each time costs a thread hop per request
-        for a figure that moves slowly (a body that meets a full disk anyway gets 507 from
-        its write)."""
-        now = time.monotonic()
-        if self._free is None or now - self._free[0] >= FREE_BYTES_FOR:
-            self._free = now, (await asyncio.to_thread(shutil.disk_usage, self._data)).free
-        return self._free[1]
-
-
-def _incomplete(upload: Upload) -> bool:
-    return upload.state is State.RECEIVING and not upload.complete
-
-
-def _key(key: str) -> bytes:
-    """Keys as bytes: a request path may hold bytes that are not UTF-8 (mitmproxy passes them
-    on as surrogate escapes), which SQLite text cannot hold."""
-    return key.encode("utf-8", "surrogateescape")
-
-
-def _successor(prefix: bytes) -> bytes | None:
-    """The least byte string above every string that starts with `prefix` (None: no bound)."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return None
-    return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-def _to_json(upload: Upload) -> str:
-    record = asdict(upload)
-    if upload.answer is not None:
-        record["answer"]["body"] = base64.b64encode(upload.answer.body).decode("ascii")
-    return json.dumps(record)
-
-
-def _from_json(text: str) -> Upload:
-    record: dict[str, Any] = json.loads(text)
-    if record.get("target") is not None:
-        target = record["target"]
-        target["headers"] = _pairs(target["headers"])
-        record["target"] = Target(**target)
-    answer = record.get("answer")
-    if answer is not None:
-        answer["headers"] = _pairs(answer["headers"])
-        answer["body"] = base64.b64decode(answer["body"])
-        record["answer"] = Answer(**answer)
-    record["parts"] = tuple(record["parts"])
-    record["state"] = State(record.get("state") or _first_round_state(record))
-    record.setdefault("keyed", True)  # written before the field: its delivery is hashed
-    known = {f.name for f in fields(Upload)}
-    return Upload(**{name: value for name, value in record.items() if name in known})
-
-
-def _first_round_state(record: dict[str, Any]) -> State:
-    """The state of a record written before states existed (flags `terminated`, `answer`)."""
-    if record.get("terminated"):
-        return State.TERMINATED
-    return State.DELIVERED if record.get("answer") is not None else State.RECEIVING
-
-
-def _pairs(items: list[list[str]]) -> tuple[tuple[str, str], ...]:
-    return tuple((name, value) for name, value in items)

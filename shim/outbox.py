@@ -34,6 +34,7 @@ from typing import Any, Literal
 from shim.lifecycle import Event, IllegalTransition, State
 from shim.metrics import Metrics
 from shim.model import Answer, Upload
+from shim.signals import SETTLED, Signals
 from shim.store import Conflict, FileRange, Store, StoreError, pieces, transition
 from shim.upstream import OutcomeUnknown, Unreachable, Upstream
 
@@ -42,8 +43,9 @@ log = logging.getLogger("shim.outbox")
 LAST_BYTES = 1024 * 1024
 """The file's last bytes, sent apart once `last_bytes_sent` is on record (Upload)."""
 LEASE_TTL = 60.0
-"""A delivery lease lapses this long after its last renewal; the worker renews it far
-sooner, so only a crashed instance's lease lapses."""
+"""A delivery lease lapses this long after its last renewal (unless the outbox is given
+another `lease_ttl`); the worker renews it every third of that, so only a crashed
+instance's lease lapses."""
 TICK = 5.0
 """The worker looks at the outbox at least this often."""
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
@@ -103,7 +105,8 @@ _RESULTS = {Event.ACCEPTED: "delivered", Event.REFUSED: "refused", Event.TRANSIE
 
 class Outbox:
     def __init__(self, store: Store, upstream: Upstream, policy: DeliveryPolicy | None = None,
-                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+                 signals: Signals | None = None, lease_ttl: float = LEASE_TTL) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
         self.upstream = upstream
@@ -116,6 +119,11 @@ class Outbox:
         self._settled: dict[str, asyncio.Event] = {}
         self._unrecorded: dict[str, Delivery] = {}
         self._worker: asyncio.Task[None] | None = None
+        self.lease_ttl = lease_ttl
+        self.signals = signals
+        """How outcomes recorded by other instances' workers are heard of (None: alone)."""
+        if signals is not None:
+            signals.subscribe(SETTLED, self._notify)
 
     # --- running --------------------------------------------------------------------------
 
@@ -135,13 +143,13 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
-            delay = TICK
+            delay = min(TICK, self.lease_ttl / 3)
             try:
                 await self._renew()
                 await self._dispatch()
                 due = await self.store.next_due()
                 if due is not None:
-                    delay = min(TICK, max(0.0, due - self.clock()))
+                    delay = min(delay, max(0.0, due - self.clock()))
             except Exception:
                 log.exception("shim: the delivery worker failed; trying again in %.0fs", TICK)
             with contextlib.suppress(TimeoutError):
@@ -171,14 +179,14 @@ class Outbox:
 
     async def _renew(self) -> None:
         for upload_id, holder in list(self._holders.items()):
-            await self.store.renew(f"deliver:{upload_id}", holder, LEASE_TTL)
+            await self.store.renew(f"deliver:{upload_id}", holder, self.lease_ttl)
 
     # --- one attempt ----------------------------------------------------------------------
 
     async def _attempt(self, upload_id: str) -> None:
         """One delivery attempt under the upload's delivery lease: its one release path."""
         lease, holder = f"deliver:{upload_id}", f"{self.instance}:{secrets.token_hex(4)}"
-        if not await self.store.acquire(lease, holder, LEASE_TTL):
+        if not await self.store.acquire(lease, holder, self.lease_ttl):
             return  # another worker has it
         self._holders[upload_id] = holder
         try:
@@ -322,6 +330,8 @@ class Outbox:
                 self._notify(upload.id)
                 await asyncio.sleep(1.0)
         self._unrecorded.pop(upload.id, None)
+        if self.signals is not None:  # a client may wait for it at another instance
+            await self.signals.publish(SETTLED, upload.id)
         self._count(saved, event)
         if saved.state in (State.DELIVERED, State.REFUSED):
             await self._discard_bytes(saved)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Protocol
 
-from shim.lifecycle import Event, advance
+from shim.lifecycle import Event, State, advance
 from shim.model import Upload
 
 
@@ -73,6 +73,29 @@ async def transition(store: Store, upload: Upload, event: Event | None = None, *
                 raise
             upload = fresh
     raise Conflict(f"upload {upload.id} kept changing")
+
+
+def cap_account(upload: Upload) -> str | None:
+    """The account an upload counts against on the caps (`Store.incomplete`): while it is
+    still receiving and short of its length; None once it does not count."""
+    if upload.state is not State.RECEIVING or upload.complete:
+        return None
+    return upload.account if upload.account is not None else upload.owner
+
+
+def key_bytes(key: str) -> bytes:
+    """A secondary key as bytes: a request path may hold bytes that are not UTF-8 (mitmproxy
+    passes them on as surrogate escapes), which a database's text cannot hold."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def successor(prefix: bytes) -> bytes | None:
+    """The least byte string above every string that starts with `prefix` (None: no bound):
+    where a prefix lookup in key order stops."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 class ChunkWriter:
@@ -268,6 +291,9 @@ class Store(Protocol):
         """Delete an upload's bytes (the record stays)."""
 
     async def free_bytes(self) -> int: ...
+
+    async def health(self) -> str | None:
+        """Why the store cannot take uploads now (None: it can), for /readyz."""
 
     async def close(self) -> None: ...
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the legacy whole-file server, shim processes, payload files, node."""
+"""Shared fixtures: the legacy whole-file server, shim processes, payload files, node, Redis."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from shim.demo_server import WholeFileServer
 from tests.harness import PayloadFactory, ShimLauncher, require_node
 from tests.legacy_servers import LegacyServer
 from tests.links import CuttingProxy, MakeProxy
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -80,3 +81,16 @@ def cutting_proxy() -> Iterator[MakeProxy]:
     finally:
         for proxy in made:
             proxy.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started redis-server (tests/redis_server.py) on 127.0.0.1 and a free port, working
+    in tmp_path/"redis", without persistence; stopped at teardown, its output printed (pytest
+    shows it in the report of a failed test)."""
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server.start()
+    finally:
+        server.close()
+        print(f"==== redis-server in {server.directory} ====\n{server.output()}")

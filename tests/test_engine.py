@@ -446,7 +446,7 @@ def test_a_second_writer_is_locked_out_and_a_take_over_resumes_where_the_first_s
     async def scenario() -> None:
         async with rig(tmp_path, legacy.url) as r:
             upload = await r.engine.create(new(10))
-            stale_ticket = await r.engine.take_over(upload.id)  # how every write request begins
+            stale_ticket, _ = await r.engine.take_over(upload.id)  # how every write request begins
             stale = await r.engine.begin_append(upload, 0, 10)
             stale.feed(b"1234")  # then its client vanishes without the shim noticing
             assert (await refusal(r.engine.begin_append(upload, 0, 10))).status == 423
@@ -454,7 +454,7 @@ def test_a_second_writer_is_locked_out_and_a_take_over_resumes_where_the_first_s
             assert (await refusal(other_instance.begin_append(upload, 0, 10))).status == 423
             ended: list[asyncio.Future[Upload]] = []
             stale.interrupt = lambda: ended.append(asyncio.ensure_future(r.engine.abort_append(stale)))
-            ticket = await r.engine.take_over(upload.id)
+            ticket, _ = await r.engine.take_over(upload.id)
             assert len(ended) == 1 and (await ended[0]).offset == 4
             assert r.engine.superseded(upload.id, stale_ticket)
             assert not r.engine.superseded(upload.id, ticket)

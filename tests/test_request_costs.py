@@ -22,9 +22,9 @@ from typing import BinaryIO
 
 import pytest
 
+from shim import data_folder, store
 from shim import engine as e
 from shim import exchange as exchange_module
-from shim import local_store, store
 from shim import upstream as upstream_module
 from shim.config import TusConfig
 from shim.demo_server import WholeFileServer
@@ -105,17 +105,17 @@ def test_the_free_space_reading_is_shared_by_requests_close_together(
         return shutil._ntuple_diskusage(free[0] * 2, free[0], free[0])
 
     now = [100.0]
-    monkeypatch.setattr(local_store.shutil, "disk_usage", disk_usage)
-    monkeypatch.setattr(local_store.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(data_folder.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(data_folder.time, "monotonic", lambda: now[0])
 
     async def scenario() -> list[int]:
         disk = LocalStore(tmp_path / "store", fsync=False)
         try:
             seen = [await disk.free_bytes(), await disk.free_bytes()]
             free[0] = 0  # the disk fills up
-            now[0] += local_store.FREE_BYTES_FOR / 2
+            now[0] += data_folder.FREE_BYTES_FOR / 2
             seen.append(await disk.free_bytes())  # not read again yet
-            now[0] += local_store.FREE_BYTES_FOR / 2
+            now[0] += data_folder.FREE_BYTES_FOR / 2
             seen.append(await disk.free_bytes())
             return seen
         finally:
@@ -153,7 +153,7 @@ def test_a_long_body_is_flushed_while_it_arrives_and_kept_whole(
     ends; the file is closed only after that flush, with every byte."""
     datasyncs = _Datasyncs()
     monkeypatch.setattr(store.os, "fdatasync", datasyncs)
-    size = 2 * local_store.FLUSH_EVERY
+    size = 2 * data_folder.FLUSH_EVERY
 
     async def scenario() -> tuple[int, int, int]:
         disk = LocalStore(tmp_path / "store", fsync=True)
@@ -184,13 +184,13 @@ def test_a_failed_flush_fails_the_commit_of_the_body_and_closes_the_file(
     async def scenario() -> None:
         disk = LocalStore(tmp_path / "store", fsync=True)
         try:
-            kept = await _write_body(disk, "kept", local_store.FLUSH_EVERY)
+            kept = await _write_body(disk, "kept", data_folder.FLUSH_EVERY)
             with pytest.raises(OSError) as failed:
-                await disk.close_writer("kept", kept, local_store.FLUSH_EVERY, sync=True)
+                await disk.close_writer("kept", kept, data_folder.FLUSH_EVERY, sync=True)
             assert failed.value.errno == errno.EIO
             with pytest.raises(OSError):
                 os.fstat(kept.fd)
-            dropped = await _write_body(disk, "dropped", local_store.FLUSH_EVERY)
+            dropped = await _write_body(disk, "dropped", data_folder.FLUSH_EVERY)
             assert await disk.close_writer("dropped", dropped, 0, sync=False) == 0
         finally:
             await disk.close()
@@ -205,12 +205,12 @@ def test_without_fsync_nothing_is_flushed_in_the_background(
     datasyncs = _Datasyncs()
     monkeypatch.setattr(store.os, "fdatasync", datasyncs)
     fsyncs = _Datasyncs()
-    monkeypatch.setattr(local_store.os, "fsync", fsyncs)
+    monkeypatch.setattr(data_folder.os, "fsync", fsyncs)
 
     async def scenario() -> int:
         disk = LocalStore(tmp_path / "store", fsync=False)
         try:
-            writer = await _write_body(disk, "u", 2 * local_store.FLUSH_EVERY)
+            writer = await _write_body(disk, "u", 2 * data_folder.FLUSH_EVERY)
             return await disk.close_writer("u", writer, None, sync=True)
         finally:
             await disk.close()
@@ -224,7 +224,7 @@ def test_without_fsync_nothing_is_flushed_in_the_background(
         finally:
             await disk.close()
 
-    assert run(scenario) == 2 * local_store.FLUSH_EVERY
+    assert run(scenario) == 2 * data_folder.FLUSH_EVERY
     assert datasyncs.fds == [] and fsyncs.fds == []
     assert run(dropped) == 0 and fsyncs.fds == []
 
@@ -240,10 +240,10 @@ def test_flushes_do_not_pile_up_behind_a_slow_disk(
         disk = LocalStore(tmp_path / "store", fsync=True)
         try:
             # Written without an await: the first flush cannot have ended meanwhile.
-            writer = await _write_body(disk, "u", 4 * local_store.FLUSH_EVERY)
+            writer = await _write_body(disk, "u", 4 * data_folder.FLUSH_EVERY)
             await writer.flushed()
             counts = [len(datasyncs.fds)]
-            writer.write(b"w" * local_store.FLUSH_EVERY)
+            writer.write(b"w" * data_folder.FLUSH_EVERY)
             await disk.close_writer("u", writer, None, sync=True)  # waits for that flush
             return [*counts, len(datasyncs.fds)]
         finally:

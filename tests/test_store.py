@@ -1,8 +1,8 @@
 """Conformance tests for the `Store` interface (shim/store.py).
 
 Every test runs against the `store` fixture, parametrized by backend. Today the only param is
-"local" (`LocalStore` in tmp_path); a shared backend (Redis) is added as one more entry in
-`BACKENDS` without touching the tests. pytest-asyncio is not installed: each test is a
+"local" (`LocalStore` in tmp_path) or "redis" (`RedisStore` on a redis-server of the test's
+own, bytes in tmp_path), each one entry in `BACKENDS`. pytest-asyncio is not installed: each test is a
 coroutine `scenario(store)` run by `Backend.run`, which opens a store, runs it in a fresh event
 loop and closes the store. Two `run` calls on the same `Backend` see the same persistent data
 (a close and a reopen)."""
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,7 +25,9 @@ import pytest
 from shim.lifecycle import Event, IllegalTransition, State
 from shim.local_store import LocalStore
 from shim.model import Answer, Target, Upload
+from shim.redis_store import RedisStore
 from shim.store import CapReached, Caps, Conflict, Store, StoreError, transition
+from tests.redis_server import RedisServer
 
 Opener = Callable[[], Awaitable[Store]]
 
@@ -38,6 +41,8 @@ class Backend:
     """A store over this test's own, initially empty, persistent place; each call reopens it."""
     open_broken: Opener
     """A store whose database cannot be written (every index/record write fails)."""
+    stop: Callable[[], None] = lambda: None
+    """Ends what the backend started (a redis-server)."""
 
     def run[T](self, scenario: Callable[[Store], Awaitable[T]], broken: bool = False) -> T:
         async def main() -> T:
@@ -63,13 +68,33 @@ def local_backend(tmp_path: Path) -> Backend:
     return Backend("local", open_local, open_broken)
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"local": local_backend}
+def redis_backend(tmp_path: Path) -> Backend:
+    server = RedisServer(tmp_path / "redis").start()
+
+    async def open_redis() -> Store:
+        return RedisStore(server.url, tmp_path / "shared", fsync=False)
+
+    async def open_broken() -> Store:
+        # Nothing listens there: every call fails as with a Redis that went away.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        return RedisStore(f"redis://127.0.0.1:{port}/0", tmp_path / "broken", fsync=False)
+
+    return Backend("redis", open_redis, open_broken, server.close)
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"local": local_backend, "redis": redis_backend}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """The backend under test; each param must give every test a fresh, empty store."""
-    yield BACKENDS[request.param](tmp_path)
+    backend = BACKENDS[request.param](tmp_path)
+    try:
+        yield backend
+    finally:
+        backend.stop()
 
 
 # --- helpers ---------------------------------------------------------------------------------------

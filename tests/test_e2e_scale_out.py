@@ -1,0 +1,144 @@
+"""Issue 13, end to end: three shim processes share one Redis (a real redis-server of the
+test's own) and one folder, behind a round-robin TCP balancer (tests/balancer.py), so each new
+connection of a client lands on the next instance. Real clients upload through the balancer,
+their connections cut several times; the legacy server (tests/legacy_servers.py) counts what
+it got. Every upload must arrive once, byte-exact, whatever instance served which request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from tusclient import client as tus_client
+
+from tests.balancer import RoundRobinBalancer
+from tests.harness import ShimLauncher, ShimProcess, wait_until
+from tests.legacy_servers import LegacyServer, Received
+from tests.links import CuttingProxy
+from tests.redis_server import RedisServer
+
+KIB = 1024
+MIB = 1024 * KIB
+LEASE_TTL = 2.0
+"""Leases of a SIGKILLed instance lapse after this (storage.lease_ttl), so the survivors take
+its uploads within a test's patience."""
+TIMEOUT = 60.0
+
+
+def shared_config(redis: RedisServer, folder: Path, **sections: Any) -> dict[str, Any]:
+    """The config every instance gets: one Redis, one folder."""
+    storage = {"backend": "redis", "redis_url": redis.url, "dir": str(folder),
+               "fsync": False, "lease_ttl": LEASE_TTL}
+    return {"storage": storage, **sections}
+
+
+@dataclass
+class Cluster:
+    """The instances, the balancer in front of them, and the legacy server behind."""
+
+    shims: list[ShimProcess]
+    balancer: RoundRobinBalancer
+    legacy: LegacyServer
+    redis: RedisServer
+
+    @property
+    def url(self) -> str:
+        return self.balancer.url
+
+    def served_by(self) -> set[int]:
+        """The instances that took at least one connection."""
+        return {index for index in self.balancer.connections if index is not None}
+
+
+@pytest.fixture
+def cluster(shim: ShimLauncher, recording_legacy: LegacyServer, redis_server: RedisServer,
+            tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    balancers: list[RoundRobinBalancer] = []
+
+    def start(count: int = 3, **sections: Any) -> Cluster:
+        config = shared_config(redis_server, tmp_path / "shared", **sections)
+        shims = [shim(config, upstream_url=recording_legacy.url) for _ in range(count)]
+        balancer = RoundRobinBalancer([("127.0.0.1", s.port) for s in shims])
+        balancers.append(balancer)
+        return Cluster(shims, balancer, recording_legacy, redis_server)
+
+    yield start
+    for balancer in balancers:
+        balancer.close()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def accepted_once(legacy: LegacyServer, path: str, data: bytes) -> Received:
+    """The one request the legacy server accepted at `path`, which carried exactly `data`."""
+    accepted = [r for r in legacy.accepted() if r.path == path]
+    assert len(accepted) == 1, legacy.requests()
+    request = accepted[0]
+    assert (request.complete, request.size, request.sha256) == (True, len(data), sha256(data))
+    return request
+
+
+def tuspy_upload(url: str, data_file: Path, chunk: int, name: str) -> str:
+    """Upload with tuspy (retrying on every error, as its users configure it on a bad link);
+    the upload URL."""
+    tus = tus_client.TusClient(f"{url}/files/")
+    uploader = tus.uploader(file_path=str(data_file), chunk_size=chunk, retries=30,
+                            retry_delay=0.2, metadata={"filename": name})
+    uploader.upload()
+    return str(uploader.url)
+
+
+def test_tuspy_upload_cut_across_three_instances_arrives_once(
+        cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    """A tus upload through a link cut every 300 KiB: each reconnection lands on the next
+    instance, which finds the upload in Redis and its bytes in the shared folder."""
+    group = cluster()
+    data = os.urandom(3 * MIB + 123)
+    source = tmp_path / "cut.bin"
+    source.write_bytes(data)
+    link = CuttingProxy(group.balancer.port, cut_every=300 * KIB)
+    try:
+        tuspy_upload(link.url, source, 512 * KIB, "cut.bin")
+    finally:
+        link.stop()
+    assert link.cuts >= 5
+    assert group.served_by() == {0, 1, 2}
+    accepted_once(group.legacy, "/uploads/cut.bin", data)
+
+
+def test_an_upload_created_at_one_instance_is_seen_and_finished_at_another(
+        cluster: Callable[..., Cluster]) -> None:
+    """Creation at instance 0, HEAD at 1, the rest at 2, each straight to the instance."""
+    group = cluster()
+    data = os.urandom(200 * KIB)
+    head = {"Tus-Resumable": "1.0.0"}
+    first, second, third = (s.url for s in group.shims)
+    created = requests.post(f"{first}/files/", headers={
+        **head, "Upload-Length": str(len(data)),
+        "Upload-Metadata": "filename " + __import__("base64").b64encode(b"seen.bin").decode()},
+        timeout=TIMEOUT)
+    assert created.status_code == 201, created.text
+    path = "/files/" + created.headers["Location"].rsplit("/files/", 1)[1]
+    sent = requests.patch(f"{first}{path}", data=data[:50 * KIB], headers={
+        **head, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+        timeout=TIMEOUT)
+    assert sent.status_code == 204, sent.text
+    seen = requests.head(f"{second}{path}", headers=head, timeout=TIMEOUT)
+    assert seen.headers["Upload-Offset"] == str(50 * KIB)
+    done = requests.patch(f"{third}{path}", data=data[50 * KIB:], headers={
+        **head, "Upload-Offset": str(50 * KIB), "Content-Type": "application/offset+octet-stream"},
+        timeout=TIMEOUT)
+    assert done.status_code == 204, done.text
+    accepted_once(group.legacy, "/uploads/seen.bin", data)
+    wait_until(lambda: requests.head(f"{first}{path}", headers=head,
+                                     timeout=TIMEOUT).status_code in (404, 410, 200),
+               TIMEOUT, "the upload's end seen at the first instance")
