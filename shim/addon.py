@@ -63,7 +63,6 @@ from shim.wire import as_bytes
 
 log = logging.getLogger("shim")
 
-SWEEP_INTERVAL = 600.0
 GAUGE_INTERVAL = 5.0
 STORE_RETRY = 1.0
 """Seconds between start-up attempts while the store cannot be reached."""
@@ -218,7 +217,8 @@ class Shim:
         self._ready.set()
         engine.outbox.start()
         self._tasks = [
-            asyncio.create_task(every(SWEEP_INTERVAL, self._sweep, "the expiry sweep")),
+            asyncio.create_task(every(self.config.storage.sweep_interval, self._sweep,
+                                      "the expiry sweep")),
             asyncio.create_task(every(engine.lease_ttl / 3, engine.renew_leases, "lease renewal")),
             asyncio.create_task(every(GAUGE_INTERVAL, self._gauges, "the metrics gauges")),
         ]

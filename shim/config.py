@@ -166,6 +166,9 @@ class StorageConfig:
     """Seconds after which the write and delivery leases of a crashed shim lapse (they are
     renewed every third of it while a body or a delivery runs): how long a SIGKILLed
     instance's uploads wait before another instance may take them."""
+    sweep_interval: float = 600.0
+    """Seconds between sweeps that remove expired uploads (and once at start-up); with
+    several instances each sweeps, and each removal is compare-and-set."""
 
 
 @dataclass(frozen=True)
@@ -346,8 +349,10 @@ def _convert(hint: Any, value: object, key: str, problems: list[str]) -> object:
 
 
 def _check_storage(storage: StorageConfig, problems: list[str]) -> None:
-    if storage.lease_ttl <= 0:
-        problems.append(f"storage.lease_ttl: must be positive, not {storage.lease_ttl}")
+    for key, positive in (("lease_ttl", storage.lease_ttl),
+                          ("sweep_interval", storage.sweep_interval)):
+        if positive <= 0:
+            problems.append(f"storage.{key}: must be positive, not {positive}")
     if storage.backend == "redis" and not storage.redis_url.startswith(REDIS_SCHEMES):
         problems.append("storage.redis_url: must be redis://host:port/db, rediss://... or "
                         f"unix:///path with storage.backend: redis, not {storage.redis_url!r}")

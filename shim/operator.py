@@ -5,11 +5,13 @@ purge one.
     python -m shim retry ID [--config FILE]
     python -m shim purge ID [--config FILE]
 
-It opens the same store the shim uses (`storage.dir` of the config) and is safe to run while
-the shim serves: the records (diskcache) and the indexes (SQLite, WAL) are multi-process safe,
-and every change is compare-and-set through `shim.store.transition` / `Store.remove`, so a
-change the shim makes meanwhile is never overwritten. The command line never drops the
-shim's leases (`LocalStore.drop_leases` belongs to the one process that owns the folder); a
+It opens the same store the shim uses (`storage` of the config: the local folder, or Redis
+and the shared folder that several instances use) and is safe to run while the shim serves:
+the local records (diskcache) and indexes (SQLite, WAL) are multi-process safe, Redis is
+shared by design, and every change is compare-and-set through `shim.store.transition` /
+`Store.remove`, so a change a shim makes meanwhile is never overwritten. The command line
+never drops the shim's leases (`LocalStore.drop_leases` belongs to the one process that owns
+the folder); a
 purge takes an upload's own leases for the moment it removes it, so that no request starts
 writing to, and no worker starts delivering, an upload that is going away.
 
@@ -35,9 +37,10 @@ from rich.table import Table
 from rich.text import Text
 
 from shim import config as shim_config
+from shim.backends import open_store
 from shim.lifecycle import Event, IllegalTransition, State
-from shim.local_store import LocalStore
 from shim.model import Upload
+from shim.redis_store import safe_url
 from shim.store import Conflict, Store, StoreError, pieces, transition
 
 OWNER_CHARS = 12
@@ -286,15 +289,16 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-async def _with_store(directory: Path, work: Callable[[Store], Awaitable[None]]) -> None:
-    store = LocalStore(directory)
+async def _with_store(storage: shim_config.StorageConfig,
+                      work: Callable[[Store], Awaitable[None]]) -> None:
+    store = open_store(storage, serving=False)
     try:
         await work(store)
     finally:
         await store.close()
 
 
-async def _run(args: argparse.Namespace, directory: Path) -> None:
+async def _run(args: argparse.Namespace, storage: shim_config.StorageConfig) -> None:
     async def work(store: Store) -> None:
         if args.command == "uploads":
             await list_uploads(store, args.json)
@@ -308,7 +312,7 @@ async def _run(args: argparse.Namespace, directory: Path) -> None:
             upload = await purge(store, args.id)
             print(f"upload {upload.id} ({upload.state}, {upload.offset} bytes) is purged")
 
-    await _with_store(directory, work)
+    await _with_store(storage, work)
 
 
 def main(argv: list[str]) -> int:
@@ -324,17 +328,20 @@ def main(argv: list[str]) -> int:
         return 2
     directory = Path(config.storage.dir).resolve()
     # Opening a store creates its folders: a wrong --config must not leave an empty one.
-    if not (directory / "meta").is_dir():
+    expected = directory / ("data" if config.storage.backend == "redis" else "meta")
+    if not expected.is_dir():
         print(f"shim: no upload store in {directory} (storage.dir of "
               f"{args.config or 'the embedded config'})", file=sys.stderr)
         return 1
+    where = safe_url(config.storage.redis_url) if config.storage.backend == "redis" \
+        else str(directory)
     try:
-        asyncio.run(_run(args, directory))
+        asyncio.run(_run(args, config.storage))
     except Refused as exc:
         print(f"shim: {exc}", file=sys.stderr)
         return 1
     except (StoreError, OSError) as exc:
-        print(f"shim: the store in {directory} cannot be used: {exc}", file=sys.stderr)
+        print(f"shim: the store in {where} cannot be used: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -36,7 +36,8 @@ def shared_config(redis: RedisServer, folder: Path, **sections: Any) -> dict[str
     """The config every instance gets: one Redis, one folder."""
     storage = {"backend": "redis", "redis_url": redis.url, "dir": str(folder),
                "fsync": False, "lease_ttl": LEASE_TTL}
-    return {"storage": storage, **sections}
+    tus = {"forward": {"path": "/uploads/{filename}"}}
+    return {"storage": storage, "tus": tus, **sections}
 
 
 @dataclass
