@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from tests.harness import PayloadFactory, ShimLauncher, require_node
 from tests.legacy_servers import LegacyServer
 from tests.links import CuttingProxy, MakeProxy
 from tests.redis_server import RedisServer
+from tests.scale_out import Cluster, clusters
 
 
 @pytest.fixture
@@ -94,3 +95,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     finally:
         server.close()
         print(f"==== redis-server in {server.directory} ====\n{server.output()}")
+
+
+@pytest.fixture
+def cluster(shim: ShimLauncher, recording_legacy: LegacyServer, redis_server: RedisServer,
+            tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """`cluster(count=3, **config_sections)`: shim instances sharing one Redis and one folder
+    behind a round-robin balancer (tests/scale_out.py)."""
+    yield from clusters(shim, recording_legacy, redis_server, tmp_path)

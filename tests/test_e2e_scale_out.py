@@ -7,85 +7,17 @@ it got. Every upload must arrive once, byte-exact, whatever instance served whic
 
 from __future__ import annotations
 
-import hashlib
+import base64
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
 import requests
 from tusclient import client as tus_client
 
-from tests.balancer import RoundRobinBalancer
-from tests.harness import ShimLauncher, ShimProcess, wait_until
-from tests.legacy_servers import LegacyServer, Received
+from tests.harness import wait_until
 from tests.links import CuttingProxy
-from tests.redis_server import RedisServer
-
-KIB = 1024
-MIB = 1024 * KIB
-LEASE_TTL = 2.0
-"""Leases of a SIGKILLed instance lapse after this (storage.lease_ttl), so the survivors take
-its uploads within a test's patience."""
-TIMEOUT = 60.0
-
-
-def shared_config(redis: RedisServer, folder: Path, **sections: Any) -> dict[str, Any]:
-    """The config every instance gets: one Redis, one folder."""
-    storage = {"backend": "redis", "redis_url": redis.url, "dir": str(folder),
-               "fsync": False, "lease_ttl": LEASE_TTL}
-    tus = {"forward": {"path": "/uploads/{filename}"}}
-    return {"storage": storage, "tus": tus, **sections}
-
-
-@dataclass
-class Cluster:
-    """The instances, the balancer in front of them, and the legacy server behind."""
-
-    shims: list[ShimProcess]
-    balancer: RoundRobinBalancer
-    legacy: LegacyServer
-    redis: RedisServer
-
-    @property
-    def url(self) -> str:
-        return self.balancer.url
-
-    def served_by(self) -> set[int]:
-        """The instances that took at least one connection."""
-        return {index for index in self.balancer.connections if index is not None}
-
-
-@pytest.fixture
-def cluster(shim: ShimLauncher, recording_legacy: LegacyServer, redis_server: RedisServer,
-            tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    balancers: list[RoundRobinBalancer] = []
-
-    def start(count: int = 3, **sections: Any) -> Cluster:
-        config = shared_config(redis_server, tmp_path / "shared", **sections)
-        shims = [shim(config, upstream_url=recording_legacy.url) for _ in range(count)]
-        balancer = RoundRobinBalancer([("127.0.0.1", s.port) for s in shims])
-        balancers.append(balancer)
-        return Cluster(shims, balancer, recording_legacy, redis_server)
-
-    yield start
-    for balancer in balancers:
-        balancer.close()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def accepted_once(legacy: LegacyServer, path: str, data: bytes) -> Received:
-    """The one request the legacy server accepted at `path`, which carried exactly `data`."""
-    accepted = [r for r in legacy.accepted() if r.path == path]
-    assert len(accepted) == 1, legacy.requests()
-    request = accepted[0]
-    assert (request.complete, request.size, request.sha256) == (True, len(data), sha256(data))
-    return request
+from tests.scale_out import KIB, MIB, TIMEOUT, Cluster, accepted_once
 
 
 def tuspy_upload(url: str, data_file: Path, chunk: int, name: str) -> str:
@@ -125,7 +57,7 @@ def test_an_upload_created_at_one_instance_is_seen_and_finished_at_another(
     first, second, third = (s.url for s in group.shims)
     created = requests.post(f"{first}/files/", headers={
         **head, "Upload-Length": str(len(data)),
-        "Upload-Metadata": "filename " + __import__("base64").b64encode(b"seen.bin").decode()},
+        "Upload-Metadata": "filename " + base64.b64encode(b"seen.bin").decode()},
         timeout=TIMEOUT)
     assert created.status_code == 201, created.text
     path = "/files/" + created.headers["Location"].rsplit("/files/", 1)[1]
