@@ -566,16 +566,19 @@ class Engine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def take_over(self, upload_id: str, timeout: float = 10.0) -> tuple[int, bool]:
+    async def take_over(self, upload_id: str, timeout: float = 10.0,
+                        here: bool = True) -> tuple[int, bool]:
         """End a body still arriving for this upload (in this process, or on a shared store
         in another instance), wait until its bytes are committed, and return this request's
         ticket, and whether a body was being written (its record is then newer than one read
         before): a request that began earlier but had not started writing yet sees, by
-        `superseded`, that it must not write any more.
+        `superseded`, that it must not write any more. With `here` False only a body at
+        another instance is ended (a request that only reads on a shared store).
 
         A client that lost its connection often comes back before the shim has noticed; the
         IETF draft ("Concurrency") recommends that the new request end the earlier one."""
-        ticket, writing = await self._take_over_here(upload_id, timeout)
+        ticket, writing = await self._take_over_here(upload_id, timeout) if here \
+            else (self._tickets.get(upload_id, 0), upload_id in self._writers)
         if self.signals is not None and not writing:
             writing = await self._end_elsewhere(upload_id, timeout)
         return ticket, writing
@@ -618,8 +621,11 @@ class Engine:
         return True
 
     def _asked_to_end(self, upload_id: str) -> None:
-        """Another instance took the upload over: end the write here (as a newer request
-        here would), then say so."""
+        """Another instance took the upload over: end the write here, if it runs here (as a
+        newer request here would), then say so."""
+        if upload_id not in self._writers:
+            return
+
         async def end() -> None:
             _, writing = await self._take_over_here(upload_id, timeout=10.0)
             if writing and self.signals is not None:

@@ -65,6 +65,12 @@ async def _superseding(engine: e.Engine, command: c.Command, protocol: str) -> U
     return None
 
 
+def _takes_over_here(command: c.Command) -> bool:
+    """Whether the command also ends a body running in this process: every write and cancel,
+    an inspection when its protocol says so (an IETF HEAD, not a tus HEAD)."""
+    return not isinstance(command, c.Inspect) or command.take_over
+
+
 def _resource(command: c.Command) -> str | None:
     """What a command works on, known from the request head alone: an upload's id or key."""
     if isinstance(command, c.Append | c.Inspect | c.Cancel | c.WriteRange | c.WriteSegments):
@@ -155,7 +161,8 @@ class Exchange:
             superseding = await _superseding(self.engine, self.command, self.protocol.name)
             if superseding is not None:
                 upload_id = superseding.id
-                ticket, writing = await self.engine.take_over(upload_id)
+                ticket, writing = await self.engine.take_over(
+                    upload_id, here=_takes_over_here(self.command))
                 if not writing:  # what was found is still the newest record
                     self._found = superseding
             await self._begin()

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import requests
+import yaml
 from tusclient import client as tus_client
 
-from tests.harness import wait_until
+from tests.balancer import RoundRobinBalancer
+from tests.harness import REPO_ROOT, ShimLauncher, wait_until
+from tests.legacy_servers import LegacyServer
 from tests.links import CuttingProxy
+from tests.redis_server import RedisServer
 from tests.scale_out import KIB, MIB, TIMEOUT, Cluster, accepted_once
+
+README = REPO_ROOT / "README.md"
 
 
 def tuspy_upload(url: str, data_file: Path, chunk: int, name: str) -> str:
@@ -75,3 +82,30 @@ def test_an_upload_created_at_one_instance_is_seen_and_finished_at_another(
     wait_until(lambda: requests.head(f"{first}{path}", headers=head,
                                      timeout=TIMEOUT).status_code in (404, 410, 200),
                TIMEOUT, "the upload's end seen at the first instance")
+
+
+def test_the_readme_config_for_several_instances_serves_a_cut_upload(
+        shim: ShimLauncher, recording_legacy: LegacyServer, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    """The README's `storage:` block for several instances, as written but for where Redis
+    and the shared folder are: two instances started with it share a tus upload whose
+    connection is cut between them."""
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.DOTALL)
+               if "backend: redis" in b]
+    config = yaml.safe_load(block)
+    assert set(config["storage"]) == {"backend", "redis_url", "dir", "lease_ttl"}
+    config["storage"].update(redis_url=redis_server.url, dir=str(tmp_path / "shared"))
+    config["tus"] = {"forward": {"path": "/uploads/{filename}"}}
+    shims = [shim(config, upstream_url=recording_legacy.url) for _ in range(2)]
+    data = os.urandom(MIB + 7)
+    source = tmp_path / "readme.bin"
+    source.write_bytes(data)
+    with RoundRobinBalancer([("127.0.0.1", s.port) for s in shims]) as balancer:
+        link = CuttingProxy(balancer.port, cut_every=300 * KIB)
+        try:
+            tuspy_upload(link.url, source, 256 * KIB, "readme.bin")
+        finally:
+            link.stop()
+        assert link.cuts >= 3
+        assert {i for i in balancer.connections if i is not None} == {0, 1}
+    accepted_once(recording_legacy, "/uploads/readme.bin", data)
