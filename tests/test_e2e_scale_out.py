@@ -8,23 +8,29 @@ it got. Every upload must arrive once, byte-exact, whatever instance served whic
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
+import shutil
+import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import requests
 import yaml
 from tusclient import client as tus_client
 
 from tests.balancer import RoundRobinBalancer
-from tests.harness import REPO_ROOT, ShimLauncher, wait_until
+from tests.harness import REPO_ROOT, ShimLauncher, in_ci, wait_until
 from tests.legacy_servers import LegacyServer
 from tests.links import CuttingProxy
 from tests.redis_server import RedisServer
 from tests.scale_out import KIB, MIB, TIMEOUT, Cluster, accepted_once
 
 README = REPO_ROOT / "README.md"
+NGINX_CONF = REPO_ROOT / "docker" / "nginx-scale.conf"
 
 
 def tuspy_upload(url: str, data_file: Path, chunk: int, name: str) -> str:
@@ -109,3 +115,83 @@ def test_the_readme_config_for_several_instances_serves_a_cut_upload(
         assert link.cuts >= 3
         assert {i for i in balancer.connections if i is not None} == {0, 1}
     accepted_once(recording_legacy, "/uploads/readme.bin", data)
+
+
+# --- nginx, with the compose file's own config ------------------------------------------------
+
+
+class Nginx:
+    """nginx run with docker/nginx-scale.conf, changed only where Docker is not here: the
+    upstream servers are the given instances on 127.0.0.1, it listens on 127.0.0.1 and a
+    free port, and its pid, logs and temporary files are in `folder`."""
+
+    def __init__(self, folder: Path, backends: list[int]) -> None:
+        binary = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+        if binary is None:
+            if in_ci():
+                pytest.fail(".ci/run installs nginx", pytrace=False)
+            pytest.skip("nginx is not installed")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        text = NGINX_CONF.read_text()
+        servers = iter(backends)
+        text, replaced = re.subn(r"(?m)^(\s*server\s+)[\w.-]+:\d+[^;]*;",
+                                 lambda m: f"{m.group(1)}127.0.0.1:{next(servers)};", text)
+        assert replaced == len(backends)
+        text = re.sub(r"(?m)^\s*(resolver|zone)\s[^;]*;", "", text)  # Docker's DNS only
+        text = text.replace("listen 8000;", f"listen 127.0.0.1:{self.port};")
+        temp = "".join(f"    {name}_temp_path {folder / name};\n"
+                       for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        text = text.replace("http {\n", "http {\n" + temp, 1)
+        text = text.replace("access_log /dev/stdout;", f"access_log {folder / 'access.log'};")
+        folder.mkdir(parents=True, exist_ok=True)
+        conf = folder / "nginx.conf"
+        conf.write_text(text)
+        self.proc = subprocess.Popen(
+            [binary, "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf),
+             "-g", f"daemon off; pid {folder / 'nginx.pid'};"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._listening, TIMEOUT, "nginx listening")
+
+    def _listening(self) -> bool:
+        assert self.proc.poll() is None, "nginx exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
+            return True
+        return False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_nginx_with_the_compose_config_spreads_a_cut_upload_over_the_instances(
+        cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    """docker/nginx-scale.conf in front of three instances (round robin, bodies streamed): a
+    tuspy upload through a link cut every 300 KiB reaches the legacy server once, whole, and
+    every instance served part of it."""
+    group = cluster()
+    nginx = Nginx(tmp_path / "nginx", [s.port for s in group.shims])
+    data = os.urandom(2 * MIB + 5)
+    source = tmp_path / "nginx.bin"
+    source.write_bytes(data)
+    try:
+        link = CuttingProxy(nginx.port, cut_every=300 * KIB)
+        try:
+            tuspy_upload(link.url, source, 256 * KIB, "nginx.bin")
+        finally:
+            link.stop()
+    finally:
+        nginx.close()
+    assert link.cuts >= 5
+    served = [s for s in group.shims if "] client connect" in s.output()]  # from nginx
+    assert len(served) == 3, [s.output()[-2000:] for s in group.shims]
+    accepted_once(group.legacy, "/uploads/nginx.bin", data)
