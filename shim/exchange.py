@@ -59,10 +59,16 @@ async def _superseding(engine: e.Engine, command: c.Command, protocol: str) -> U
     cancel does, an inspection when its protocol says so, or on a shared store (where the
     body runs on any instance: tusd's HEAD likewise takes the upload's lock). Only the owner
     may end one: the lookup refuses anybody else before anything is interrupted."""
-    if isinstance(command, c.Append | c.Cancel | c.WriteRange | c.WriteSegments) or (
-            isinstance(command, c.Inspect) and (command.take_over or engine.shared)):
+    if _takes_over(command, engine.shared):
+        assert isinstance(command, c.Append | c.Inspect | c.Cancel | c.WriteRange |
+                          c.WriteSegments)
         return await _lookup(engine, command, protocol)
     return None
+
+
+def _takes_over(command: c.Command, shared: bool) -> bool:
+    return isinstance(command, c.Append | c.Cancel | c.WriteRange | c.WriteSegments) or (
+        isinstance(command, c.Inspect) and (command.take_over or shared))
 
 
 def _takes_over_here(command: c.Command) -> bool:
@@ -158,18 +164,17 @@ class Exchange:
     async def _begin_in_turn(self) -> None:
         upload_id, ticket = None, 0
         try:
-            superseding = await _superseding(self.engine, self.command, self.protocol.name)
-            if superseding is not None:
-                upload_id = superseding.id
-                ticket, writing = await self.engine.take_over(
-                    upload_id, here=_takes_over_here(self.command))
-                if not writing:  # what was found is still the newest record
-                    self._found = superseding
-            await self._begin()
+            try:
+                upload_id, ticket = await self._take_over_and_begin()
+            except ShimError as exc:
+                if exc.status != 423 or not self.engine.shared \
+                        or not _takes_over(self.command, shared=True):
+                    raise
+                # A request of this upload at another instance took the write lease after
+                # this one looked: end it too (within one instance the turn queue orders them).
+                upload_id, ticket = await self._take_over_and_begin()
         except ShimError as exc:
             self.error = exc
-        finally:
-            self._found = None
         if self.append is None:
             return
         self.append.interrupt = self._interrupt
@@ -180,6 +185,23 @@ class Exchange:
                                             "took over", 409)
             if self._interrupt is not None:
                 self._interrupt()
+
+    async def _take_over_and_begin(self) -> tuple[str | None, int]:
+        """End the request running on this command's upload (if it ends one), then begin;
+        the upload taken over and this request's ticket."""
+        superseding = await _superseding(self.engine, self.command, self.protocol.name)
+        upload_id, ticket = None, 0
+        try:
+            if superseding is not None:
+                upload_id = superseding.id
+                ticket, writing = await self.engine.take_over(
+                    upload_id, here=_takes_over_here(self.command))
+                if not writing:  # what was found is still the newest record
+                    self._found = superseding
+            await self._begin()
+        finally:
+            self._found = None
+        return upload_id, ticket
 
     def start(self, interrupt: Callable[[], object],
               then: Callable[[], Awaitable[object]] | None = None,
