@@ -502,6 +502,13 @@ class Engine:
                 # not this body's to cut or extend.
                 await self.store.close_writer(append.upload.id, append.writer, None, sync=False)
                 raise ShimError("completed", "the upload was completed by another request", 409)
+            if self.shared and not await self.store.renew(
+                    f"write:{append.upload.id}", append.holder, self.lease_ttl):
+                # This instance stalled past the lease: another request may be writing the
+                # file now, so this one neither cuts it nor commits an offset.
+                await self.store.close_writer(append.upload.id, append.writer, None, sync=False)
+                raise ShimError("lease-lost", "the write lease lapsed; another request has "
+                                "the upload now", 409)
             offset = await self._close_file(append, keep)
             try:
                 upload = await self._change_receiving(append.upload, offset=offset,

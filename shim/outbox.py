@@ -49,6 +49,14 @@ instance's lease lapses."""
 TICK = 5.0
 """The worker looks at the outbox at least this often."""
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
+DUE_LOOKAHEAD = 64
+"""Due uploads looked at beyond this worker's free slots: a delivery another instance runs
+stays in the outbox index while it runs, and must not hide the ones queued behind it."""
+
+
+class LeaseLost(Exception):
+    """The delivery lease lapsed during the attempt (the instance stalled past it): another
+    worker may be delivering the upload now, so this attempt must not send its last bytes."""
 
 
 @dataclass(frozen=True)
@@ -160,9 +168,13 @@ class Outbox:
         room = self.policy.concurrency - len(self._running)
         if room <= 0:
             return
-        for upload_id in await self.store.due(self.clock(), room + len(self._running)):
-            if upload_id in self._running or len(self._running) >= self.policy.concurrency:
-                continue
+        for upload_id in await self.store.due(self.clock(),
+                                              room + len(self._running) + DUE_LOOKAHEAD):
+            if len(self._running) >= self.policy.concurrency:
+                break
+            if upload_id in self._running or \
+                    await self.store.holder(f"deliver:{upload_id}") is not None:
+                continue  # being delivered (here, or by another instance)
             task = asyncio.create_task(self._attempt(upload_id), name=f"deliver-{upload_id}")
             self._running[upload_id] = task
             task.add_done_callback(functools.partial(self._done, upload_id))
@@ -179,7 +191,9 @@ class Outbox:
 
     async def _renew(self) -> None:
         for upload_id, holder in list(self._holders.items()):
-            await self.store.renew(f"deliver:{upload_id}", holder, self.lease_ttl)
+            if not await self.store.renew(f"deliver:{upload_id}", holder, self.lease_ttl):
+                log.warning("upload %s: the delivery lease lapsed during the attempt; its last "
+                            "bytes will not be sent", upload_id)
 
     # --- one attempt ----------------------------------------------------------------------
 
@@ -195,6 +209,8 @@ class Outbox:
                 await self._deliver(upload)
         except (Conflict, IllegalTransition):
             log.info("upload %s changed during its delivery attempt; looking again", upload_id)
+        except LeaseLost as exc:
+            log.warning("upload %s: %s", upload_id, exc)
         except Exception:
             log.exception("shim: the delivery attempt of upload %s failed", upload_id)
         finally:
@@ -295,7 +311,14 @@ class Outbox:
     async def _mark_last_bytes(self, upload: Upload) -> None:
         """Record that the file's last bytes go out now. Before this, a crash leaves a
         request the legacy server cannot have completed (its Content-Length is not met), so
-        the delivery is safe to retry; after it, the outcome is unknown."""
+        the delivery is safe to retry; after it, the outcome is unknown. Only while the
+        delivery lease is still this attempt's (LeaseLost): an instance that stalled past it
+        must leave its request unfinished, since another may be sending the file."""
+        holder = self._holders.get(upload.id)
+        if holder is None or not await self.store.renew(f"deliver:{upload.id}", holder,
+                                                        self.lease_ttl):
+            raise LeaseLost("the delivery lease lapsed during the attempt; the request is "
+                            "left unfinished, and the upload to whoever holds it now")
         await transition(self.store, upload, last_bytes_sent=True)
 
     def _transient(self, upload: Upload, problem: str) -> tuple[Event, dict[str, Any]]:

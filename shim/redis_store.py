@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from shim.data_folder import DataFolder
@@ -41,6 +43,11 @@ from shim.store import CapReached, Caps, Conflict, StoreError, cap_account, key_
 NAMESPACE = "shim:"
 SOCKET_TIMEOUT = 10.0
 """Seconds a Redis command may take before the store call fails (StoreError)."""
+RETRIES = 3
+"""Times a command is sent again on a new connection when its connection broke: after a
+Redis restart every pooled connection is dead, and each would fail one request otherwise. A
+script that ran before its connection broke and is sent again meets its own new version
+(Conflict), which `transition` handles by reading the record again."""
 
 # KEYS: none (single Redis). ARGV: namespace, id, expected version, record JSON, expiry time
 # or "", due time or "", account it counts against while incomplete or "", caps per account
@@ -161,7 +168,7 @@ class RedisStore(DataFolder):
         self.ns = namespace
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-            health_check_interval=30)
+            health_check_interval=30, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES))
         self._scripts = {name: self.redis.register_script(code) for name, code in (
             ("save", _SAVE), ("forget", _FORGET), ("link", _LINK), ("unlink", _UNLINK),
             ("links", _LINKS), ("acquire", _ACQUIRE), ("renew", _RENEW), ("release", _RELEASE))}

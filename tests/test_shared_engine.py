@@ -18,6 +18,7 @@ import pytest
 
 from shim import engine as e
 from shim.demo_server import WholeFileServer
+from shim.errors import ShimError
 from shim.lifecycle import State
 from shim.model import Target, Upload
 from shim.outbox import DeliveryPolicy, Outbox
@@ -246,24 +247,34 @@ def test_an_upload_being_written_elsewhere_is_not_expired(
     asyncio.run(scenario())
 
 
-def test_a_body_whose_lease_lapsed_is_ended(redis_server: RedisServer, folder: Path) -> None:
+def test_a_body_whose_lease_lapsed_is_ended_without_cutting_or_committing(
+        redis_server: RedisServer, folder: Path) -> None:
     """The loop stalled longer than the lease: renewing finds it gone (another request may
-    have it now), and the body is ended rather than written on beside the new holder."""
-    async def scenario() -> list[asyncio.Future[Upload]]:
+    have it now), so the body is ended; as it ends it neither cuts the shared file to its
+    own end nor commits its offset over the new holder's (409 lease-lost)."""
+    async def scenario() -> None:
         async with instance(redis_server, folder, "http://127.0.0.1:9") as a:
             upload = await a.engine.create(new(10))
             writing = await a.engine.begin_append(upload, 0, 10)
+            writing.feed(b"12")
             ended = interruptible(a.engine, writing)
             await a.engine.renew_leases()
             assert ended == []
             await a.store.release(f"write:{upload.id}", writing.holder)  # as a lapse would
             assert await a.store.acquire(f"write:{upload.id}", "newer:1", 60)
+            newer = await a.store.open_writer(upload.id, 2)
+            newer.write(b"3456")  # the new holder's bytes, past where the stale body stopped
             await a.engine.renew_leases()
             assert len(ended) == 1
-            await ended[0]
-            return ended
+            with pytest.raises(ShimError) as caught:
+                await ended[0]
+            assert (caught.value.status, caught.value.code) == (409, "lease-lost")
+            assert await a.store.size(upload.id) == 6
+            stored = await a.store.load(upload.id)
+            assert stored is not None and stored.offset == 0
+            await a.store.close_writer(upload.id, newer, None, sync=False)
 
-    assert len(asyncio.run(scenario())) == 1
+    asyncio.run(scenario())
 
 
 def test_a_delivery_is_made_by_one_instance_when_both_find_it_due(
