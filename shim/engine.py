@@ -63,6 +63,8 @@ the engine is given another `lease_ttl` (`storage.lease_ttl`)."""
 RELEASE_LOOK = 0.25
 """Seconds between looks at a lease another instance was asked to give up (the signal that
 it did is a hint: see shim.signals)."""
+ASK_AGAIN = 1.0
+"""Seconds after which another instance is asked again to end a write it still holds."""
 
 
 def new_upload_id() -> str:
@@ -150,6 +152,8 @@ class Engine:
         """How this instance reaches the others on a shared store; None: it is alone."""
         self._released: dict[str, asyncio.Event] = {}
         """Uploads whose write this instance asked another one to end, until it did."""
+        self._ending: set[str] = set()
+        """Uploads whose write here another instance asked to end, while it ends."""
         if signals is not None:
             signals.subscribe(TAKE_OVER, self._asked_to_end)
             signals.subscribe(RELEASED, self._ended_elsewhere)
@@ -612,14 +616,18 @@ class Engine:
             return False
         assert self.signals is not None
         released = self._released.setdefault(upload_id, asyncio.Event())
-        await self.signals.publish(TAKE_OVER, upload_id)
-        deadline = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        asked = 0.0
         while holder is not None:
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 log.warning("upload %s: the request writing it at another instance did not "
                             "end in %ss", upload_id, timeout)
                 break
+            if loop.time() - asked >= ASK_AGAIN:  # a signal may be lost (a Redis restart)
+                asked = loop.time()
+                await self.signals.publish(TAKE_OVER, upload_id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(released.wait(), min(remaining, RELEASE_LOOK))
             holder = await self.store.holder(lease)
@@ -630,11 +638,15 @@ class Engine:
     def _asked_to_end(self, upload_id: str) -> None:
         """Another instance took the upload over: end the write here, if it runs here (as a
         newer request here would), then say so."""
-        if upload_id not in self._writers:
-            return
+        if upload_id not in self._writers or upload_id in self._ending:
+            return  # not written here, or being ended already (the signal came again)
 
         async def end() -> None:
-            _, writing = await self._take_over_here(upload_id, timeout=10.0)
+            self._ending.add(upload_id)
+            try:
+                _, writing = await self._take_over_here(upload_id, timeout=10.0)
+            finally:
+                self._ending.discard(upload_id)
             if writing and self.signals is not None:
                 await self.signals.publish(RELEASED, upload_id)
 
