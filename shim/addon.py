@@ -102,9 +102,9 @@ class Shim:
         self.signals: RedisSignals | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
+        """Set once start-up recovery is done: no request sees a record before it."""
         self._starting = "recovering uploads"
         """What start-up waits for, while it does (/readyz)."""
-        """Set once start-up recovery is done: no request sees a record before it."""
         self.origin: Origin | None = None
         self._eager_sink = False
         self._rewrite_host = True
