@@ -102,7 +102,10 @@ class RedisSignals:
     def _dispatch(self, data: object) -> None:
         if not isinstance(data, bytes):
             return
-        words = data.decode("utf-8", "replace").split(" ")
+        try:
+            words = data.decode("ascii").split(" ")  # ids, topics and senders are ASCII
+        except UnicodeDecodeError:
+            return
         if len(words) != 3 or words[0] == self.sender:
             return
         _, topic, upload_id = words

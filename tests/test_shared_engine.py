@@ -369,3 +369,27 @@ def _closed_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def test_a_bad_message_or_a_failing_handler_does_not_stop_the_listening(
+        redis_server: RedisServer, folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A topic nobody here listens to, bytes that are not UTF-8, and a handler that raises
+    (logged with its topic and upload): the next signal is still heard, by every handler."""
+    async def scenario() -> list[str]:
+        async with two(redis_server, folder, "http://127.0.0.1:9") as (a, b):
+            heard: list[str] = []
+
+            def failing(upload_id: str) -> None:
+                raise RuntimeError(f"cannot handle {upload_id}")
+
+            b.signals.subscribe("test", failing)
+            b.signals.subscribe("test", heard.append)
+            await a.signals.publish("nobody-listens", "id-0")
+            await a.store.redis.publish(a.signals.channel, b"\xff\xfe test \xff")
+            await a.signals.publish("test", "id-1")
+            await asyncio.wait_for(_until(lambda: heard), DEADLINE)
+            return heard
+
+    with caplog.at_level(logging.ERROR, "shim.signals"):
+        assert asyncio.run(scenario()) == ["id-1"]
+    assert "handling the signal test of upload id-1 failed" in caplog.text
