@@ -52,18 +52,20 @@ def clusters(shim: ShimLauncher, recording_legacy: LegacyServer, redis_server: R
              tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """Behind the `cluster` fixture: `cluster(count=3, **config_sections)` starts `count`
     instances (mitmdump) sharing `redis_server` and tmp_path/"shared", and a balancer."""
-    balancers: list[RoundRobinBalancer] = []
+    started: list[Cluster] = []
 
     def start(count: int = 3, **sections: Any) -> Cluster:
         config = shared_config(redis_server, tmp_path / "shared", **sections)
         shims = [shim(config, upstream_url=recording_legacy.url) for _ in range(count)]
         balancer = RoundRobinBalancer([("127.0.0.1", s.port) for s in shims])
-        balancers.append(balancer)
-        return Cluster(shims, balancer, recording_legacy, redis_server)
+        started.append(Cluster(shims, balancer, recording_legacy, redis_server))
+        return started[-1]
 
     yield start
-    for balancer in balancers:
-        balancer.close()
+    for group in started:  # before Redis stops: its going would only clutter their output
+        group.balancer.close()
+        for instance in group.shims:
+            instance.kill()
 
 
 def sha256(data: bytes) -> str:
