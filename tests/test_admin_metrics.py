@@ -10,7 +10,7 @@ import re
 import requests
 
 from shim.demo_server import WholeFileServer
-from tests.harness import ShimLauncher, ShimProcess
+from tests.harness import ShimLauncher, ShimProcess, wait_until
 
 TUS = {"Tus-Resumable": "1.0.0"}
 TIMEOUT = 30
@@ -52,8 +52,11 @@ def test_health_readiness_and_counters_after_known_uploads(
     proc = shim()
     admin = admin_url(proc)
     assert requests.get(f"{admin}/healthz", timeout=TIMEOUT).text == "ok\n"
-    ready = requests.get(f"{admin}/readyz", timeout=TIMEOUT)
-    assert ready.status_code == 200, ready.text
+    answers: list[requests.Response] = []
+    # The admin listener is up before start-up recovery ends; until then /readyz says so.
+    wait_until(lambda: answers.append(requests.get(f"{admin}/readyz", timeout=TIMEOUT))
+               or answers[-1].status_code == 200, TIMEOUT, "/readyz answering 200")
+    assert all(a.text.startswith("not ready: starting: ") for a in answers[:-1]), answers
 
     tus_upload(proc.url, b"a" * 1000)
     tus_upload(proc.url, b"b" * 3000)
