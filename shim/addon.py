@@ -237,7 +237,8 @@ class Shim:
                 break
             except StoreError as exc:
                 self._starting = f"the store cannot be reached: {exc}"
-                log.error("shim: %s; trying again in %.0fs", self._starting, STORE_RETRY)
+                # A warning: mitmdump exits on an error logged while it starts.
+                log.warning("shim: %s; trying again in %.0fs", self._starting, STORE_RETRY)
                 await asyncio.sleep(STORE_RETRY)
         if repaired:
             log.info("shim: recovered %d uploads after a restart", repaired)

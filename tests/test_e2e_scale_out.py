@@ -27,7 +27,7 @@ from tests.harness import REPO_ROOT, ShimLauncher, in_ci, wait_until
 from tests.legacy_servers import LegacyServer
 from tests.links import CuttingProxy
 from tests.redis_server import RedisServer
-from tests.scale_out import KIB, MIB, TIMEOUT, Cluster, accepted_once
+from tests.scale_out import KIB, MIB, TIMEOUT, Cluster, accepted_once, shared_config
 
 README = REPO_ROOT / "README.md"
 NGINX_CONF = REPO_ROOT / "docker" / "nginx-scale.conf"
@@ -195,3 +195,26 @@ def test_nginx_with_the_compose_config_spreads_a_cut_upload_over_the_instances(
     served = [s for s in group.shims if "] client connect" in s.output()]  # from nginx
     assert len(served) == 3, [s.output()[-2000:] for s in group.shims]
     accepted_once(group.legacy, "/uploads/nginx.bin", data)
+
+
+def test_an_instance_started_before_redis_waits_says_why_and_then_serves(
+        shim: ShimLauncher, recording_legacy: LegacyServer, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    """Redis is not up yet (a compose file starting everything at once): the instance
+    listens, /readyz says the store cannot be reached, and once Redis is up it recovers,
+    becomes ready and takes an upload."""
+    redis_server.stop()
+    config = shared_config(redis_server, tmp_path / "shared")
+    proc = shim(config, upstream_url=recording_legacy.url)
+    admin = proc.wait_for_output(r"admin \(/healthz, /readyz, /metrics\) at (http://\S+)").group(1)
+    proc.wait_for_output(r"the store cannot be reached", TIMEOUT)
+    waiting = requests.get(f"{admin}/readyz", timeout=TIMEOUT)
+    assert waiting.status_code == 503 and "the store cannot be reached" in waiting.text
+    redis_server.start()
+    wait_until(lambda: requests.get(f"{admin}/readyz", timeout=TIMEOUT).status_code == 200,
+               TIMEOUT, "/readyz answering 200 once Redis is up")
+    data = os.urandom(100 * KIB)
+    source = tmp_path / "late-redis.bin"
+    source.write_bytes(data)
+    tuspy_upload(proc.url, source, 64 * KIB, "late-redis.bin")
+    accepted_once(recording_legacy, "/uploads/late-redis.bin", data)
