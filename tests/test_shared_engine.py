@@ -22,7 +22,7 @@ from shim.errors import ShimError
 from shim.lifecycle import State
 from shim.model import Target, Upload
 from shim.outbox import DeliveryPolicy, Outbox
-from shim.redis_store import RedisStore
+from shim.redis_store import RedisStore, safe_url
 from shim.signals import RedisSignals
 from shim.store import Conflict, StoreError
 from shim.upstream import Origin, Upstream
@@ -393,3 +393,33 @@ def test_a_bad_message_or_a_failing_handler_does_not_stop_the_listening(
     with caplog.at_level(logging.ERROR, "shim.signals"):
         assert asyncio.run(scenario()) == ["id-1"]
     assert "handling the signal test of upload id-1 failed" in caplog.text
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    ("rediss://user:s3cret@redis.example:6380/1", "rediss://***@redis.example:6380/1"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+])
+def test_a_redis_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    assert safe_url(url) == shown
+
+
+def test_health_says_when_redis_does_not_answer_without_its_password(
+        redis_server: RedisServer, folder: Path) -> None:
+    """/readyz's reason: None while Redis answers and the folder is writable; once Redis is
+    gone, why, naming Redis without the password."""
+    async def scenario() -> tuple[str | None, str | None]:
+        host_port = redis_server.url.split("//", 1)[1]
+        store = RedisStore(f"redis://:pw-in-url@{host_port}", folder, fsync=False)
+        try:
+            healthy = await store.health()
+            redis_server.stop()
+            return healthy, await store.health()
+        finally:
+            await store.close()
+
+    healthy, gone = asyncio.run(scenario())
+    assert healthy is None
+    assert gone is not None and gone.startswith("redis: ") and "pw-in-url" not in gone
+    assert "redis://***@127.0.0.1:" in gone
