@@ -39,10 +39,11 @@ from tusclient import client as tus_client
 
 from tests.balancer import RoundRobinBalancer
 from tests.harness import ShimLauncher, ShimProcess, wait_until
-from tests.legacy_servers import LegacyServer, Received
+from tests.legacy_servers import LegacyServer
 from tests.links import CuttingProxy
 from tests.redis_server import RedisServer
 from tests.scale_out import KIB, MIB, Cluster, accepted_once, sha256, shared_config
+from tests.test_e2e_issue12_attack import holds_for, whole
 from tests.test_e2e_sigkill import Relay
 
 pytestmark = pytest.mark.timeout(120)
@@ -158,20 +159,6 @@ class Client:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {until} within {timeout}s; answers {self.seen}")
             time.sleep(0.1)  # a polling interval: the next round asks again
-
-
-def holds_for(predicate: Callable[[], bool], seconds: float) -> bool:
-    """Whether `predicate` stays true for `seconds` (a quiet period: nothing more arrives)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not predicate():
-            return False
-        time.sleep(0.1)
-    return predicate()
-
-
-def whole(request: Received, data: bytes) -> bool:
-    return (request.complete, request.size, request.sha256) == (True, len(data), sha256(data))
 
 
 # --- what the shared store holds -----------------------------------------------------------
@@ -399,19 +386,17 @@ GATE = 2 * MIB
 """Body bytes of a delivery each relay lets through while the test holds it."""
 
 
-def test_sigkill_mid_delivery_before_the_last_bytes_a_survivor_delivers_once(
-        fleet: FleetFactory, records: Records) -> None:
-    """Instance X is sending a 32 MiB file, held by its relay after 2 MiB; X is SIGKILLed
-    and its connection cut. The last bytes never went out, so even with `on_unknown: hold`
-    the delivery is safe to retry: a survivor's worker takes it once X's delivery lease
-    lapsed. The legacy server ends with the cut request (incomplete) and one complete,
-    accepted one; a client asking again (HEAD, the final PATCH again) gets the answer."""
+def delivery_held_mid_body(fleet: FleetFactory, records: Records,
+                           name: str) -> tuple[Fleet, bytes, str, int]:
+    """A 32 MiB file whose delivery one instance has begun and its relay holds after GATE
+    bytes, its last bytes not sent (checked in Redis): the fleet, the file, its path and the
+    delivering instance."""
     group = fleet(relays_per_instance=True, delivery={"wait": 0.5, "on_unknown": "hold"},
                   upstream={"timeout": 30.0})
     for relay in group.relays:
         relay.configure(gate=GATE, hold=False)
     data = os.urandom(32 * MIB + 5)
-    path = create(group.url, len(data), "killed-mid-delivery.bin")
+    path = create(group.url, len(data), name)
     final = patch(group.url, path, 0, data)
     assert final.status_code in (204, 503), show(final)
     wait_until(lambda: any(r.body_forwarded() >= GATE for r in group.relays), TIMEOUT,
@@ -420,6 +405,17 @@ def test_sigkill_mid_delivery_before_the_last_bytes_a_survivor_delivers_once(
     record = records.record(upload_id(path))
     assert record is not None and (record["state"], record["last_bytes_sent"]) == (
         "delivering", False), f"precondition: {record}"
+    return group, data, path, victim
+
+
+def test_sigkill_mid_delivery_before_the_last_bytes_a_survivor_delivers_once(
+        fleet: FleetFactory, records: Records) -> None:
+    """Instance X is sending a 32 MiB file, held by its relay after 2 MiB; X is SIGKILLed
+    and its connection cut. The last bytes never went out, so even with `on_unknown: hold`
+    the delivery is safe to retry: a survivor's worker takes it once X's delivery lease
+    lapsed. The legacy server ends with the cut request (incomplete) and one complete,
+    accepted one; a client asking again (HEAD, the final PATCH again) gets the answer."""
+    group, data, path, victim = delivery_held_mid_body(fleet, records, "killed-mid-delivery.bin")
 
     group.kill(victim)
     for relay in group.relays:
@@ -785,20 +781,7 @@ def test_an_instance_frozen_mid_delivery_past_its_lease_does_not_deliver_a_secon
     (SIGSTOP). Its delivery lease lapses; its last bytes were not sent, so a survivor
     delivers the file (accepted). Then X thaws, its connection to the legacy server still
     open: the legacy server must not get (and accept) the file a second time."""
-    group = fleet(relays_per_instance=True, delivery={"wait": 0.5, "on_unknown": "hold"},
-                  upstream={"timeout": 30.0})
-    for relay in group.relays:
-        relay.configure(gate=GATE, hold=False)
-    data = os.urandom(32 * MIB + 5)
-    path = create(group.url, len(data), "frozen-deliverer.bin")
-    final = patch(group.url, path, 0, data)
-    assert final.status_code in (204, 503), show(final)
-    wait_until(lambda: any(r.body_forwarded() >= GATE for r in group.relays), TIMEOUT,
-               "a delivery held by its relay")
-    [victim] = [i for i, r in enumerate(group.relays) if r.body_forwarded() >= GATE]
-    record = records.record(upload_id(path))
-    assert record is not None and (record["state"], record["last_bytes_sent"]) == (
-        "delivering", False), f"precondition: {record}"
+    group, data, path, victim = delivery_held_mid_body(fleet, records, "frozen-deliverer.bin")
     frozen = group.shims[victim]
     freeze(frozen)
     group.balancer.skip(victim)
